@@ -1,0 +1,1 @@
+"""kvshare.kernels: Triton kernels, each beside its PyTorch reference."""

@@ -1,0 +1,1 @@
+"""Benchmarks behind `kvshare bench ...`; each compares against a baseline measured in the same run."""

@@ -1,0 +1,72 @@
+"""The ``kvshare`` command line: demo, benchmarks and cache inspection.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int``; they are imported only when chosen, so ``kvshare --help`` stays fast
+and does not import torch or vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# (command path, module, one-line help)
+_COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
+    (("demo",), "kvshare.demo", "replay real similar prompts and show what kvshare reuses"),
+    (("bench", "hitrate"), "kvshare.bench.hitrate",
+     "reuse rate of kvshare vs prefix/chunk/response caching on real ShareGPT streams"),
+    (("bench", "lookup"), "kvshare.bench.lookup",
+     "lookup latency (embed + search + align) with a large index"),
+    (("bench", "storage"), "kvshare.bench.storage",
+     "tier and codec throughput on real SmolLM2 KV chunks"),
+    (("inspect",), "kvshare.inspect", "look inside the cache: index entries, tiers, plans"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvshare",
+        description="Semantic KV-cache sharing for vLLM: reuse the KV of similar earlier prompts.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser.add_argument("--config", metavar="YAML",
+                        help="kvshare config file (default: $KVSHARE_CONFIG, then built-in defaults)")
+    top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for path, module, help_text in _COMMANDS:
+        subparsers = top
+        for group in path[:-1]:
+            if group not in groups:
+                group_parser = top.add_parser(group, help=f"{group} commands")
+                groups[group] = group_parser.add_subparsers(
+                    dest=f"{group}_command", metavar="NAME", required=True
+                )
+            subparsers = groups[group]
+        sub = subparsers.add_parser(path[-1], help=help_text, description=help_text)
+        sub.set_defaults(_module=module, _sub=sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    # Find the subcommand first (ignoring --help, which must wait until the subcommand's
+    # module has added its own options), then parse everything for real.
+    without_help = [arg for arg in argv if arg not in ("-h", "--help")]
+    known, _ = parser.parse_known_args(without_help) if without_help else (None, None)
+    if known is not None:
+        module = importlib.import_module(known._module)
+        module.add_arguments(known._sub)
+    args = parser.parse_args(argv)
+    module = importlib.import_module(args._module)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,242 @@
+"""kvshare configuration: one typed object, layered like LMCache's.
+
+Precedence, lowest first: dataclass defaults < YAML file (path in ``KVSHARE_CONFIG``
+or passed explicitly) < vLLM ``kv_connector_extra_config`` < ``KVSHARE_<FIELD>``
+environment variables. Unknown keys and ill-typed values are errors that name the key,
+because a silently ignored typo in a cache config shows up weeks later as a low hit rate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+ENV_PREFIX = "KVSHARE_"
+CONFIG_ENV = "KVSHARE_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or its value is invalid; the message names the key."""
+
+
+def default_home() -> Path:
+    """Where kvshare keeps its index, chunks and model conversions by default."""
+    return Path(os.environ.get("KVSHARE_HOME", Path.home() / ".cache" / "kvshare"))
+
+
+@dataclass
+class KVShareConfig:
+    """Every tunable of kvshare. Units are in the field names or docstrings."""
+
+    # --- identity and scope -------------------------------------------------------
+    model: str = "smollm2-135m-instruct"
+    """Model whose KV is shared: a local model directory or a known alias."""
+    home: str = ""
+    """Root directory for kvshare state; empty means ``$KVSHARE_HOME`` or ~/.cache/kvshare."""
+    share_public_scope: bool = True
+    """Let tenants reuse entries of the unsalted public scope (never other tenants')."""
+
+    # --- embedding and retrieval ----------------------------------------------------
+    embedder: str = "wordllama"
+    """``wordllama`` (ships in its wheel) or a sentence-transformers model directory."""
+    embed_max_chars: int = 4096
+    """Only this many leading characters of a prompt are embedded (bounded cost)."""
+    top_k: int = 8
+    """Nearest entries fetched and aligned per lookup."""
+    ann_index_min_rows: int = 20000
+    """Build an ANN (IVF) vector index once the table holds this many rows."""
+    index_flush_rows: int = 64
+    """Entries buffered in memory (and searched there) before one batched LanceDB add."""
+
+    # --- alignment and reuse plan ---------------------------------------------------
+    min_run_tokens: int = 8
+    """Shortest run of equal tokens worth reusing; shorter matches are recomputed."""
+    min_reuse_fraction: float = 0.5
+    """A plan is claimed only if it reuses at least this share of the prompt."""
+    min_reuse_tokens: int = 64
+    """... and at least this many tokens."""
+
+    # --- storage ----------------------------------------------------------------
+    chunk_tokens: int = 256
+    """Tokens per stored KV chunk (the last chunk of a prompt may be shorter)."""
+    min_store_tokens: int = 32
+    """Prompts shorter than this are not stored."""
+    cpu_bytes: int = 2 << 30
+    """Byte capacity of the CPU tier (LRU)."""
+    disk_dir: str = ""
+    """Disk tier directory; empty means ``<home>/chunks``; ``none`` disables the tier."""
+    disk_bytes: int = 20 << 30
+    """Byte capacity of the disk tier (LRU)."""
+    redis_url: str = ""
+    """``redis://host:port/db`` enables the Redis tier; empty disables it."""
+    redis_ttl_s: int = 0
+    """Expire Redis chunks after this many seconds; 0 keeps them until evicted."""
+    compression: str = "zstd-byteplane"
+    """Chunk payload encoding: ``raw``, ``zstd`` or ``zstd-byteplane``."""
+
+    # --- selective recompute (DHD) ---------------------------------------------------
+    rho: float = 0.15
+    """Share of reused tokens recomputed by deviation at the check layers."""
+    check_layers: list[int] = field(default_factory=lambda: [1])
+    """Layers at which fresh and reused K/V are compared."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------------------
+    @property
+    def home_dir(self) -> Path:
+        return Path(self.home) if self.home else default_home()
+
+    @property
+    def index_dir(self) -> Path:
+        return self.home_dir / "index"
+
+    @property
+    def disk_path(self) -> Path | None:
+        if self.disk_dir.lower() == "none":
+            return None
+        return Path(self.disk_dir) if self.disk_dir else self.home_dir / "chunks"
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first out-of-range value."""
+        _require(self.top_k >= 1, "top_k", self.top_k, "an integer >= 1")
+        _require(self.embed_max_chars >= 16, "embed_max_chars", self.embed_max_chars, ">= 16")
+        _require(self.ann_index_min_rows >= 256, "ann_index_min_rows",
+                 self.ann_index_min_rows, ">= 256 (IVF training needs rows)")
+        _require(self.index_flush_rows >= 1, "index_flush_rows", self.index_flush_rows, ">= 1")
+        _require(self.min_run_tokens >= 1, "min_run_tokens", self.min_run_tokens, ">= 1")
+        _require(0.0 <= self.min_reuse_fraction <= 1.0, "min_reuse_fraction",
+                 self.min_reuse_fraction, "in [0, 1]")
+        _require(self.min_reuse_tokens >= 0, "min_reuse_tokens", self.min_reuse_tokens, ">= 0")
+        _require(self.chunk_tokens >= 1, "chunk_tokens", self.chunk_tokens, ">= 1")
+        _require(self.min_store_tokens >= 1, "min_store_tokens", self.min_store_tokens, ">= 1")
+        _require(self.cpu_bytes >= 0, "cpu_bytes", self.cpu_bytes, ">= 0")
+        _require(self.disk_bytes >= 0, "disk_bytes", self.disk_bytes, ">= 0")
+        _require(self.redis_ttl_s >= 0, "redis_ttl_s", self.redis_ttl_s, ">= 0")
+        _require(self.compression in ("raw", "zstd", "zstd-byteplane"), "compression",
+                 self.compression, "one of raw, zstd, zstd-byteplane")
+        _require(0.0 <= self.rho <= 1.0, "rho", self.rho, "in [0, 1]")
+        _require(all(layer >= 0 for layer in self.check_layers), "check_layers",
+                 self.check_layers, "a list of layer indices >= 0")
+        _require(self.redis_url == "" or self.redis_url.startswith(("redis://", "unix://")),
+                 "redis_url", self.redis_url, "empty or a redis:// or unix:// URL")
+
+    # ------------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> "KVShareConfig":
+        """Build the config from file, explicit overrides and environment, in that order."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        path = path or environ.get(CONFIG_ENV)
+        if path:
+            values.update(_read_yaml(Path(path)))
+        values.update(overrides or {})
+        values.update(_from_environ(environ))
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "KVShareConfig":
+        """Coerce and check every key; unknown keys are errors."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, raw in values.items():
+            if key not in known:
+                raise ConfigError(
+                    f"unknown kvshare config key {key!r}; known keys: {', '.join(sorted(known))}"
+                )
+            kwargs[key] = _coerce(key, raw, _field_type(cls, key))
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _require(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"kvshare config {key}={value!r} is invalid: expected {expected}")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"kvshare config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"kvshare config file {str(path)!r} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"kvshare config file {str(path)!r} must hold a mapping of keys")
+    return data
+
+
+def _from_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    """``KVSHARE_TOP_K=4`` -> ``{"top_k": "4"}``; ``KVSHARE_CONFIG``/``KVSHARE_HOME`` excluded."""
+    reserved = {CONFIG_ENV, "KVSHARE_HOME"}
+    return {
+        name[len(ENV_PREFIX):].lower(): value
+        for name, value in environ.items()
+        if name.startswith(ENV_PREFIX) and name not in reserved
+    }
+
+
+def _field_type(cls: type, key: str) -> Any:
+    return typing.get_type_hints(cls)[key]
+
+
+def _coerce(key: str, raw: Any, kind: Any) -> Any:
+    """Turn YAML/env values into the field's type, or raise naming the key."""
+    def fail() -> ConfigError:
+        return ConfigError(f"kvshare config {key}={raw!r} is not a valid {_type_name(kind)}")
+
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return raw.lower() in ("1", "true", "yes", "on")
+        raise fail()
+    if kind is int:
+        if isinstance(raw, bool):
+            raise fail()
+        if isinstance(raw, int):
+            return raw
+        if isinstance(raw, str):
+            try:
+                return int(raw.replace("_", ""))
+            except ValueError:
+                raise fail() from None
+        raise fail()
+    if kind is float:
+        if isinstance(raw, bool):
+            raise fail()
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise fail() from None
+    if kind is str:
+        if isinstance(raw, (str, int, float)) and not isinstance(raw, bool):
+            return str(raw)
+        raise fail()
+    if typing.get_origin(kind) is list:
+        (item_kind,) = typing.get_args(kind)
+        items = raw
+        if isinstance(raw, str):
+            items = [part for part in raw.replace(" ", "").split(",") if part]
+        if not isinstance(items, list):
+            raise fail()
+        return [_coerce(key, item, item_kind) for item in items]
+    raise fail()
+
+
+def _type_name(kind: Any) -> str:
+    return getattr(kind, "__name__", str(kind))

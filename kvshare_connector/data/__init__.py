@@ -1,0 +1,1 @@
+"""Real workloads for demos and benchmarks."""

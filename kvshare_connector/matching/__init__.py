@@ -1,0 +1,1 @@
+"""Retrieval, token alignment and reuse planning: the lookup side of kvshare."""
