@@ -1,0 +1,113 @@
+"""Lookup: embed a prompt, fetch its nearest entries in scope, align, and plan reuse.
+
+This is the scheduler-side decision the connector makes once per request, and the
+``kvshare`` policy of ``kvshare bench hitrate``. It only reads token ids and vectors;
+whether the planned KV can still be loaded is the loader's business (missing chunks
+become recompute).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from kvshare.config import KVShareConfig
+from kvshare.matching.align import plan_reuse
+from kvshare.matching.embedder import Embedder
+from kvshare.matching.plan import Candidate, ReusePlan
+from kvshare.storage.index import EntryIndex, IndexEntry, SearchHit, new_entry_id
+
+PUBLIC_SCOPE = ""
+
+
+@dataclass
+class LookupResult:
+    plan: ReusePlan
+    hits: list[SearchHit]
+    """Entries that were aligned against, nearest first."""
+    embedding: np.ndarray
+    """The prompt's embedding, kept so that storing the prompt need not embed it again."""
+    embed_ms: float
+    search_ms: float
+    align_ms: float
+
+    @property
+    def total_ms(self) -> float:
+        return self.embed_ms + self.search_ms + self.align_ms
+
+
+class Matcher:
+    """Retrieval + alignment over one :class:`EntryIndex` for one model."""
+
+    def __init__(
+        self,
+        index: EntryIndex,
+        embedder: Embedder,
+        model_id: str,
+        *,
+        top_k: int = 8,
+        min_run_tokens: int = 8,
+        share_public_scope: bool = True,
+    ) -> None:
+        self.index = index
+        self.embedder = embedder
+        self.model_id = model_id
+        self.top_k = top_k
+        self.min_run_tokens = min_run_tokens
+        self.share_public_scope = share_public_scope
+
+    @classmethod
+    def from_config(cls, config: KVShareConfig, index: EntryIndex, embedder: Embedder,
+                    model_id: str) -> "Matcher":
+        return cls(index, embedder, model_id, top_k=config.top_k,
+                   min_run_tokens=config.min_run_tokens,
+                   share_public_scope=config.share_public_scope)
+
+    def scopes_for(self, tenant: str) -> list[str]:
+        """A tenant sees its own entries and, if allowed, the public scope; never others'."""
+        if tenant == PUBLIC_SCOPE or not self.share_public_scope:
+            return [tenant]
+        return [tenant, PUBLIC_SCOPE]
+
+    def lookup(self, text: str, token_ids: Sequence[int], tenant: str = PUBLIC_SCOPE
+               ) -> LookupResult:
+        t0 = time.perf_counter()
+        embedding = self.embedder.embed([text])[0]
+        t1 = time.perf_counter()
+        hits = self.index.search(embedding, self.model_id, self.scopes_for(tenant), self.top_k)
+        t2 = time.perf_counter()
+        plan = plan_reuse(
+            token_ids,
+            [Candidate(hit.entry.entry_id, hit.entry.token_ids) for hit in hits],
+            min_run_tokens=self.min_run_tokens,
+        )
+        t3 = time.perf_counter()
+        return LookupResult(plan, hits, embedding, (t1 - t0) * 1e3, (t2 - t1) * 1e3,
+                            (t3 - t2) * 1e3)
+
+    def insert(
+        self,
+        text: str,
+        token_ids: Sequence[int],
+        tenant: str = PUBLIC_SCOPE,
+        *,
+        embedding: np.ndarray | None = None,
+        chunk_keys: Sequence[str] = (),
+    ) -> IndexEntry:
+        """Index a prompt (its chunks must already be stored: entries never point at nothing)."""
+        if embedding is None:
+            embedding = self.embedder.embed([text])[0]
+        entry = IndexEntry(
+            entry_id=new_entry_id(),
+            model_id=self.model_id,
+            scope=tenant,
+            embedding=embedding,
+            token_ids=np.asarray(token_ids, np.int32),
+            text_preview=text,
+            chunk_keys=list(chunk_keys),
+        )
+        self.index.add([entry])
+        return entry
