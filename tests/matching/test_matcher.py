@@ -1,0 +1,72 @@
+"""Lookup end to end on real parts: SmolLM2 tokens, WordLlama, LanceDB, the planner."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvshare.matching.matcher import Matcher
+from kvshare.storage.index import EntryIndex
+
+REPORT = (
+    "Quarterly report for Northwind Traders. Revenue grew 12% to $4.1M while costs fell "
+    "3%. The board approved the new warehouse in Lyon and asked the CFO to present the "
+    "hiring plan for the logistics team at the next meeting. Summarise the key risks."
+)
+
+
+@pytest.fixture
+def matcher(tmp_path, wordllama):
+    index = EntryIndex(tmp_path, wordllama.dim)
+    yield Matcher(index, wordllama, model_id="smollm2", top_k=4, min_run_tokens=8)
+    index.close()
+
+
+def ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_identical_prompt_reuses_all_but_the_last_token(matcher, tokenizer):
+    tokens = ids(tokenizer, REPORT)
+    stored = matcher.insert(REPORT, tokens)
+    plan = matcher.lookup(REPORT, tokens).plan
+    assert plan.reused_tokens == len(tokens) - 1
+    assert plan.recompute.tolist() == [len(tokens) - 1]
+    assert {run.entry_id for run in plan.runs} == {stored.entry_id}
+
+
+def test_edited_prompt_reuses_the_unchanged_spans(matcher, tokenizer):
+    matcher.insert(REPORT, ids(tokenizer, REPORT))
+    edited = REPORT.replace("Northwind Traders", "Contoso Ltd").replace("12%", "9%")
+    tokens = ids(tokenizer, edited)
+    plan = matcher.lookup(edited, tokens).plan
+    assert 0.7 < plan.reuse_fraction < 1.0
+    for run in plan.runs:
+        assert tokens[run.dst_start : run.dst_start + run.length] == \
+            list(matcher.index.get([run.entry_id])[0].token_ids[run.src_start : run.src_start + run.length])
+
+
+def test_tenants_never_see_each_other(matcher, tokenizer):
+    tokens = ids(tokenizer, REPORT)
+    matcher.insert(REPORT, tokens, tenant="tenant-a")
+    assert matcher.lookup(REPORT, tokens, tenant="tenant-b").plan.reused_tokens == 0
+    assert matcher.lookup(REPORT, tokens, tenant="tenant-a").plan.reused_tokens == len(tokens) - 1
+    # The public scope is shared with everyone (by default), a tenant's scope with no one.
+    assert matcher.lookup(REPORT, tokens).plan.reused_tokens == 0
+    matcher.insert(REPORT, tokens)
+    assert matcher.lookup(REPORT, tokens, tenant="tenant-b").plan.reused_tokens == len(tokens) - 1
+    matcher.share_public_scope = False
+    assert matcher.lookup(REPORT, tokens, tenant="tenant-b").plan.reused_tokens == 0
+
+
+def test_other_models_entries_are_never_used(matcher, tokenizer, wordllama):
+    tokens = ids(tokenizer, REPORT)
+    other = Matcher(matcher.index, wordllama, model_id="another-model")
+    other.insert(REPORT, tokens)
+    assert matcher.lookup(REPORT, tokens).plan.reused_tokens == 0
+
+
+def test_lookup_reports_its_timings(matcher, tokenizer):
+    result = matcher.lookup(REPORT, ids(tokenizer, REPORT))
+    assert result.plan.reused_tokens == 0 and result.hits == []
+    assert min(result.embed_ms, result.search_ms, result.align_ms) >= 0.0
+    assert result.total_ms == pytest.approx(result.embed_ms + result.search_ms + result.align_ms)
