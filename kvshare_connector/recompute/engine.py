@@ -1,0 +1,258 @@
+"""Selective recompute of reused K/V (DHD prefill stage, after CacheBlend).
+
+Given a new prompt and K/V rows reused from similar earlier prompts (already moved to
+the new positions with :func:`~kvshare.recompute.rope.rerotate_keys`), the engine runs
+the model layer by layer but only for a *tracked* set of positions:
+
+* the initial recompute set from the reuse plan (placeholders, i.e. new or replaced
+  tokens, span-boundary tokens, the last token) — their reused rows are garbage;
+* at each check layer, the reused tokens whose fresh K/V deviate most from the reused
+  rows (``||K_fresh - K_reused|| + ||V_fresh - V_reused||``, L2 over heads x head_dim).
+
+Every tracked token gets fresh Q/K/V at each layer; its K/V overwrite the reused rows
+*before* that layer's attention, whose queries (tracked tokens only) see the whole
+prompt's K/V, causally by absolute position. Untracked reused tokens keep their reused
+rows and need no hidden state. The MLP runs for tracked tokens only.
+
+The check-layer trick. Ranking reused tokens at check layer ``c`` needs their fresh K/V
+at ``c``, hence their hidden states at the input of ``c``. The engine therefore tracks
+*all* positions through layers ``0 .. c-1`` (a plain full forward of those layers; at
+layer 0 the embeddings are exact for everyone) and at layer ``c`` computes Q/K/V for all,
+writes those fresh K/V for all (already paid for, and exact), ranks, and keeps only the
+initial set plus the top ``rho`` fraction of reused tokens for the attention and MLP of
+layer ``c`` and every later layer. With the default ``check_layers=(1,)`` that costs one
+full layer plus one full QKV projection out of ``num_layers``. Deviations at layer 0 are
+useless (after re-rotation a reused token's layer-0 K/V depend only on its id and
+position, so they are all ~0); layer 1 is the first that sees the new context.
+
+Gradual filtering (optional): with several check layers and a non-increasing ``rho``
+per check layer, each later check re-ranks the still-tracked reused tokens by their
+deviation there and keeps the top ``rho[i]`` fraction (of all reused tokens).
+
+Invariants: at every layer, every position whose hidden state is tracked has its K/V row
+written fresh at that layer; the tracked set only shrinks, and only at check layers;
+initial-set positions are never dropped. ``rho = 1`` tracks everything through every
+layer, i.e. a plain full prefill.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvshare.recompute.adapter import ModelAdapter
+
+
+@dataclass
+class PromptKV:
+    """K/V of one prompt for every layer, dense and token-major (row ``i`` = position ``i``).
+
+    Keys are post-RoPE at this prompt's positions, as in a KV cache. This is the layout
+    of vLLM's per-layer key/value tensors before they are scattered into paged blocks.
+    """
+
+    keys: torch.Tensor
+    """``[num_layers, num_tokens, num_kv_heads, head_dim]``."""
+    values: torch.Tensor
+    """Same shape, dtype and device as ``keys``."""
+
+    @classmethod
+    def empty(cls, adapter: ModelAdapter, num_tokens: int) -> PromptKV:
+        """Zeroed buffers for ``num_tokens`` positions in ``adapter``'s shape, dtype and device."""
+        shape = (adapter.num_layers, num_tokens, adapter.num_kv_heads, adapter.head_dim)
+        keys = torch.zeros(shape, dtype=adapter.dtype, device=adapter.device)
+        return cls(keys=keys, values=torch.zeros_like(keys))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys.shape[1]
+
+
+@dataclass
+class RecomputeResult:
+    """What :meth:`SelectiveRecomputeEngine.prefill` computed."""
+
+    kv: PromptKV
+    """The final K/V: the caller's reused buffers, updated in place."""
+    tracked: torch.Tensor
+    """int64, sorted: positions tracked through the last layer (initial set + DHD picks)."""
+    selected: torch.Tensor
+    """int64, sorted: reused positions that DHD added (``tracked`` minus the initial set)."""
+    rows_recomputed: torch.Tensor
+    """int64 ``[num_layers]``: K/V rows written fresh per layer."""
+    last_logits: torch.Tensor | None
+    """float32 ``[vocab]``: next-token logits after the last position, or ``None`` when
+    the last position was not tracked through the last layer (the vLLM path leaves the
+    last prompt token out: vLLM computes it itself)."""
+
+    @property
+    def recompute_fraction(self) -> float:
+        """Fresh K/V rows over all rows (layers x tokens): the share of a full prefill's KV work."""
+        return float(self.rows_recomputed.sum()) / (self.kv.keys.shape[0] * self.kv.num_tokens)
+
+
+class SelectiveRecomputeEngine:
+    """Recompute a prompt's K/V selectively on top of reused rows (see module docstring).
+
+    Args:
+        adapter: the model, seen as per-layer steps.
+        rho: fraction of *reused* tokens (prompt length minus the initial recompute set)
+            kept tracked after a check layer; rounded to the nearest token count. A
+            float applies to every check layer; a sequence gives one non-increasing value
+            per check layer (gradual filtering).
+        check_layers: strictly increasing layer indices where reused tokens are ranked.
+            Empty means naive reuse: only the initial recompute set is computed.
+    """
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        rho: float | Sequence[float] = 0.15,
+        check_layers: Sequence[int] = (1,),
+    ) -> None:
+        check_layers = tuple(int(c) for c in check_layers)
+        if any(b <= a for a, b in zip(check_layers, check_layers[1:], strict=False)):
+            raise ValueError(f"check_layers must be strictly increasing, got {check_layers}")
+        if check_layers and not (0 <= check_layers[0] and check_layers[-1] < adapter.num_layers):
+            raise ValueError(
+                f"check_layers {check_layers} out of range for a model with "
+                f"{adapter.num_layers} layers"
+            )
+        rhos = (
+            tuple(float(r) for r in rho)
+            if isinstance(rho, Sequence)
+            else (float(rho),) * len(check_layers)
+        )
+        if len(rhos) != len(check_layers):
+            raise ValueError(f"got {len(rhos)} rho values {rhos} for check_layers {check_layers}")
+        if any(not 0.0 <= r <= 1.0 for r in rhos) or any(
+            b > a for a, b in zip(rhos, rhos[1:], strict=False)
+        ):
+            raise ValueError(
+                f"rho must lie in [0, 1] and not increase over check layers, got {rhos}"
+            )
+        self.adapter = adapter
+        self.check_layers = check_layers
+        self.rhos = rhos
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        token_ids: torch.Tensor | np.ndarray | Sequence[int],
+        reused: PromptKV,
+        recompute: torch.Tensor | np.ndarray | Sequence[int],
+    ) -> RecomputeResult:
+        """Fix ``reused`` in place so it approximates the prompt's own prefill K/V.
+
+        Args:
+            token_ids: the new prompt, ``[T]`` token ids.
+            reused: K/V for all ``T`` positions, reused rows already re-rotated to their
+                new positions; rows in ``recompute`` may hold anything.
+            recompute: positions that must be computed (the plan's placeholders,
+                span boundaries and usually the last token); any order, duplicates ok.
+        """
+        adapter = self.adapter
+        tokens = torch.as_tensor(token_ids, dtype=torch.int64, device=adapter.device)
+        num_tokens = self._check_inputs(tokens, reused)
+        initial = self._initial_mask(recompute, num_tokens)
+        num_reused = num_tokens - int(initial.sum())
+
+        # Layers before the first check layer run for everyone (see "check-layer trick").
+        positions = (
+            torch.arange(num_tokens, device=adapter.device)
+            if self.check_layers
+            else initial.nonzero().flatten()
+        )
+        hidden = adapter.embed(tokens[positions])
+        rows = torch.zeros(adapter.num_layers, dtype=torch.int64)
+        checks = dict(zip(self.check_layers, self.rhos, strict=True))
+
+        for layer in range(adapter.num_layers):
+            q, k, v = adapter.qkv(layer, adapter.input_norm(layer, hidden))
+            q, k = adapter.rope(q, k, positions)
+            keep = None
+            if layer in checks:
+                keep = self._select(
+                    k, v, reused, layer, positions, initial, round(checks[layer] * num_reused)
+                )
+            reused.keys[layer, positions] = k
+            reused.values[layer, positions] = v
+            rows[layer] = positions.numel()
+            if keep is not None:
+                positions, hidden, q = positions[keep], hidden[keep], q[keep]
+            if positions.numel() == 0:
+                break  # nothing tracked: every remaining row stays reused
+            attn = adapter.attention(layer, q, positions, reused.keys[layer], reused.values[layer])
+            hidden = hidden + adapter.o_proj(layer, attn)
+            hidden = hidden + adapter.mlp(layer, adapter.post_attention_norm(layer, hidden))
+
+        last_tracked = positions.numel() > 0 and int(positions[-1]) == num_tokens - 1
+        return RecomputeResult(
+            kv=reused,
+            tracked=positions,
+            selected=positions[~initial[positions]],
+            rows_recomputed=rows,
+            last_logits=adapter.logits(hidden[-1:])[0].float() if last_tracked else None,
+        )
+
+    @staticmethod
+    def _select(
+        k: torch.Tensor,
+        v: torch.Tensor,
+        reused: PromptKV,
+        layer: int,
+        positions: torch.Tensor,
+        initial: torch.Tensor,
+        budget: int,
+    ) -> torch.Tensor:
+        """Row indices into ``positions`` to keep: all initial ones + the ``budget`` most deviating.
+
+        Must run before the fresh rows overwrite ``reused`` (it reads the reused rows).
+        """
+        deviation = (k - reused.keys[layer, positions]).float().flatten(1).norm(dim=1)
+        deviation += (v - reused.values[layer, positions]).float().flatten(1).norm(dim=1)
+        is_initial = initial[positions]
+        deviation[is_initial] = torch.inf  # garbage rows; these positions always stay
+        num_keep = min(positions.numel(), int(is_initial.sum()) + budget)
+        return torch.topk(deviation, num_keep, sorted=False).indices.sort().values
+
+    def _check_inputs(self, tokens: torch.Tensor, reused: PromptKV) -> int:
+        adapter = self.adapter
+        if tokens.dim() != 1 or tokens.numel() == 0:
+            raise ValueError(
+                f"token_ids must be a non-empty 1-D sequence, got shape {tuple(tokens.shape)}"
+            )
+        num_tokens = tokens.numel()
+        expected = (adapter.num_layers, num_tokens, adapter.num_kv_heads, adapter.head_dim)
+        for name, t in (("keys", reused.keys), ("values", reused.values)):
+            if tuple(t.shape) != expected:
+                raise ValueError(f"reused.{name} has shape {tuple(t.shape)}, expected {expected}")
+            if t.dtype != adapter.dtype or t.device != adapter.device:
+                raise ValueError(
+                    f"reused.{name} is {t.dtype} on {t.device}, "
+                    f"expected {adapter.dtype} on {adapter.device}"
+                )
+        return num_tokens
+
+    def _initial_mask(
+        self, recompute: torch.Tensor | np.ndarray | Sequence[int], num_tokens: int
+    ) -> torch.Tensor:
+        """bool ``[T]``: True at the positions of the initial recompute set."""
+        if isinstance(recompute, torch.Tensor):
+            positions = recompute.to(device=self.adapter.device, dtype=torch.int64)
+        else:
+            positions = torch.as_tensor(
+                np.asarray(recompute, dtype=np.int64), device=self.adapter.device
+            )
+        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= num_tokens):
+            bad = positions[(positions < 0) | (positions >= num_tokens)]
+            raise ValueError(
+                f"recompute positions {bad[:8].tolist()} out of range "
+                f"for a prompt of {num_tokens} tokens"
+            )
+        mask = torch.zeros(num_tokens, dtype=torch.bool, device=self.adapter.device)
+        mask[positions.flatten()] = True
+        return mask

@@ -1,0 +1,145 @@
+"""Selective recompute: what gets recomputed, and that reuse of exact K/V is lossless."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from recompute_reference import full_prefill, relative_error
+
+from kvshare.recompute import PromptKV, SelectiveRecomputeEngine
+
+
+def _clone(kv: PromptKV) -> PromptKV:
+    return PromptKV(keys=kv.keys.clone(), values=kv.values.clone())
+
+
+@pytest.mark.parametrize("check_layers", [(), (1,)], ids=["naive", "dhd"])
+def test_identical_prompt_with_exact_kv_recomputing_only_the_last_token(
+    smollm2, comedy_prefill, check_layers
+):
+    ids, exact_kv, exact_logits = comedy_prefill
+    engine = SelectiveRecomputeEngine(smollm2.adapter, rho=0.15, check_layers=check_layers)
+
+    result = engine.prefill(ids, _clone(exact_kv), [len(ids) - 1])
+
+    torch.testing.assert_close(result.last_logits, exact_logits, rtol=1e-4, atol=1e-4)
+    assert relative_error(result.kv.keys, exact_kv.keys) < 1e-5
+    assert relative_error(result.kv.values, exact_kv.values) < 1e-5
+
+
+def _corrupted(kv: PromptKV, positions: torch.Tensor) -> PromptKV:
+    """Stale rows at ``positions`` in every layer, as if reused from another context."""
+    bad = _clone(kv)
+    gen = torch.Generator().manual_seed(6)
+    bad.keys[:, positions] += torch.randn(bad.keys[:, positions].shape, generator=gen)
+    bad.values[:, positions] += torch.randn(bad.values[:, positions].shape, generator=gen)
+    return bad
+
+
+def test_dhd_finds_and_repairs_the_deviating_rows(tiny):
+    ids = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(7))
+    exact_kv, exact_logits = full_prefill(tiny.model, ids)
+    stale = torch.tensor([5, 17, 18, 40, 63, 64, 65, 90])
+    initial = [30, 99]  # plan placeholders: garbage rows
+    reused = _corrupted(exact_kv, stale)
+    reused.keys[:, initial] = 0.0
+    reused.values[:, initial] = 0.0
+    rho = len(stale) / (len(ids) - len(initial))
+
+    result = SelectiveRecomputeEngine(tiny.adapter, rho=rho).prefill(ids, reused, initial)
+
+    assert result.selected.tolist() == stale.tolist()
+    assert result.tracked.tolist() == sorted(stale.tolist() + initial)
+    torch.testing.assert_close(result.kv.keys, exact_kv.keys, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(result.kv.values, exact_kv.values, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(result.last_logits, exact_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_naive_reuse_leaves_stale_rows_alone(tiny):
+    ids = torch.randint(0, 256, (60,), generator=torch.Generator().manual_seed(8))
+    exact_kv, _ = full_prefill(tiny.model, ids)
+    stale = torch.tensor([3, 4, 20])
+    reused = _corrupted(exact_kv, stale)
+    before = _clone(reused)
+
+    result = SelectiveRecomputeEngine(tiny.adapter, check_layers=()).prefill(ids, reused, [59])
+
+    assert result.selected.numel() == 0 and result.tracked.tolist() == [59]
+    assert torch.equal(result.kv.keys[:, :59], before.keys[:, :59])
+    assert result.rows_recomputed.tolist() == [1, 1, 1, 1]
+
+
+def test_rows_recomputed_follow_the_check_layer_schedule(tiny):
+    """Full layers before the first check, all rows at it, then initial + rho * reused."""
+    ids = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(9))
+    initial = np.array([10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 99], dtype=np.int32)  # plan dtype
+    reused_count = 100 - len(initial)
+
+    one = SelectiveRecomputeEngine(tiny.adapter, rho=0.2, check_layers=(1,))
+    result = one.prefill(ids, PromptKV.empty(tiny.adapter, 100), initial)
+    assert result.rows_recomputed.tolist() == [100, 100, 29, 29]  # 11 + round(0.2 * 89)
+    assert np.isin(initial, result.tracked.numpy()).all()
+
+    gradual = SelectiveRecomputeEngine(tiny.adapter, rho=(0.5, 0.1), check_layers=(1, 2))
+    result = gradual.prefill(ids, PromptKV.empty(tiny.adapter, 100), initial)
+    assert result.rows_recomputed.tolist() == [100, 100, 11 + round(0.5 * reused_count), 20]
+    assert result.selected.numel() == round(0.1 * reused_count)
+    assert result.recompute_fraction == pytest.approx((100 + 100 + 55 + 20) / 400)
+
+
+def test_without_the_last_token_there_are_no_logits(tiny):
+    """The vLLM path: vLLM computes the last prompt token itself."""
+    ids = torch.randint(0, 256, (20,), generator=torch.Generator().manual_seed(10))
+    result = SelectiveRecomputeEngine(tiny.adapter).prefill(
+        ids, PromptKV.empty(tiny.adapter, 20), [4, 5]
+    )
+    assert result.last_logits is None
+
+
+def test_nothing_to_recompute_leaves_the_kv_untouched(tiny):
+    ids = torch.randint(0, 256, (20,), generator=torch.Generator().manual_seed(11))
+    kv = PromptKV.empty(tiny.adapter, 20)
+    kv.keys.fill_(3.0)
+    result = SelectiveRecomputeEngine(tiny.adapter, check_layers=()).prefill(ids, kv, [])
+    assert result.tracked.numel() == 0 and result.last_logits is None
+    assert bool((result.kv.keys == 3.0).all())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"check_layers": (2, 1)}, r"check_layers must be strictly increasing, got \(2, 1\)"),
+        ({"check_layers": (4,)}, r"check_layers \(4,\) out of range for a model with 4 layers"),
+        (
+            {"rho": 1.5},
+            r"rho must lie in \[0, 1\] and not increase over check layers, got \(1.5,\)",
+        ),
+        (
+            {"rho": (0.1, 0.3), "check_layers": (1, 2)},
+            r"not increase over check layers, got \(0.1, 0.3\)",
+        ),
+        ({"rho": (0.1, 0.05)}, r"got 2 rho values \(0.1, 0.05\) for check_layers \(1,\)"),
+    ],
+)
+def test_bad_settings_are_named(tiny, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SelectiveRecomputeEngine(tiny.adapter, **kwargs)
+
+
+def test_bad_inputs_are_named(tiny):
+    engine = SelectiveRecomputeEngine(tiny.adapter)
+    ids = torch.zeros(10, dtype=torch.int64)
+    with pytest.raises(
+        ValueError, match=r"recompute positions \[10, -1\] out of range for a prompt of 10"
+    ):
+        engine.prefill(ids, PromptKV.empty(tiny.adapter, 10), [3, 10, -1])
+    with pytest.raises(
+        ValueError, match=r"reused.keys has shape \(4, 9, 2, 16\), expected \(4, 10, 2, 16\)"
+    ):
+        engine.prefill(ids, PromptKV.empty(tiny.adapter, 9), [9])
+    half = PromptKV(*(t.half() for t in (PromptKV.empty(tiny.adapter, 10).keys,) * 2))
+    with pytest.raises(
+        ValueError, match=r"reused.keys is torch.float16 on cpu, expected torch.float32"
+    ):
+        engine.prefill(ids, half, [9])
