@@ -172,6 +172,8 @@ class EntryIndex:
         self._id_of_label: dict[int, str] = {}
         self._next_label = 0
         self._partitions: dict[tuple[str, str], _Partition] = {}
+        self._persisted: set[str] = set()
+        """Ids that have a row in LanceDB: new ids are appended, known ones merged."""
         self._pending_upserts: dict[str, IndexEntry] = {}
         self._pending_deletes: set[str] = set()
         self.path.mkdir(parents=True, exist_ok=True)
@@ -272,13 +274,21 @@ class EntryIndex:
         with self._lock:
             if self._pending_deletes:
                 self._table.delete(_in_list("entry_id", self._pending_deletes))
+                self._persisted.difference_update(self._pending_deletes)
                 self._pending_deletes.clear()
             if self._pending_upserts:
-                rows = self._to_arrow(self._pending_upserts.values())
-                (self._table.merge_insert("entry_id")
-                 .when_matched_update_all()
-                 .when_not_matched_insert_all()
-                 .execute(rows))
+                # Appends are cheap; a merge joins against the whole table, so only rows
+                # that already exist (hit counts, replacements) go through it.
+                known = [e for i, e in self._pending_upserts.items() if i in self._persisted]
+                new = [e for i, e in self._pending_upserts.items() if i not in self._persisted]
+                if known:
+                    (self._table.merge_insert("entry_id")
+                     .when_matched_update_all()
+                     .when_not_matched_insert_all()
+                     .execute(self._to_arrow(known)))
+                if new:
+                    self._table.add(self._to_arrow(new))
+                self._persisted.update(self._pending_upserts)
                 self._pending_upserts.clear()
 
     def compact(self) -> None:
@@ -345,6 +355,7 @@ class EntryIndex:
             for i in range(table.num_rows)
         ]
         self._remember(entries)
+        self._persisted.update(e.entry_id for e in entries)
         logger.info("loaded %d index entries from %s", len(entries), self.path)
 
     def _remember(self, entries: Sequence[IndexEntry]) -> None:

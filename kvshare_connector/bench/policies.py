@@ -22,7 +22,7 @@ import numpy as np
 import xxhash
 
 from kvshare.matching.align import equal_runs
-from kvshare.matching.matcher import Matcher
+from kvshare.matching.matcher import LookupResult, Matcher
 
 
 @dataclass(frozen=True)
@@ -154,14 +154,14 @@ class KVSharePolicy:
     def __init__(self, matcher: Matcher) -> None:
         self.matcher = matcher
         self.lookup_ms: list[float] = []
-        self._last = None
+        self.last_result: LookupResult | None = None
 
     def reuse(self, request: Request) -> int:
         result = self.matcher.lookup(request.text, request.token_ids)
         self.lookup_ms.append(result.total_ms)
-        self._last = result
+        self.last_result = result
         return result.plan.reused_tokens
 
     def remember(self, request: Request) -> None:
-        embedding = self._last.embedding if self._last is not None else None
+        embedding = self.last_result.embedding if self.last_result is not None else None
         self.matcher.insert(request.text, request.token_ids, embedding=embedding)
