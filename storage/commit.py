@@ -1,0 +1,103 @@
+"""Entry commit and entry load: the two places where the index meets the chunk store.
+
+Commit order is the invariant "no index entry points at nothing (at commit time)":
+chunks are stored first, then checked to be held by at least one tier, and only entries
+whose every chunk passed are added to the index, in one ``add`` call.
+
+Chunks can still disappear later (LRU eviction, TTL, a flushed Redis). Loading is
+therefore partial by design: it returns whatever verified KV it could fetch and a
+per-token mask; the tokens of missing, corrupt or mismatching chunks are simply
+recomputed by the engine, as if they had never been cached.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol, Sequence, TypeVar
+
+import numpy as np
+import torch
+from kvshare.storage.chunk import KVChunk, KVLayout
+from kvshare.storage.keys import ChunkKey, chunk_spans
+from kvshare.storage.tiered_store import TieredStore
+
+logger = logging.getLogger(__name__)
+
+E = TypeVar("E")
+E_contra = TypeVar("E_contra", contravariant=True)
+
+
+class EntrySink(Protocol[E_contra]):
+    """What commit needs of the index (``kvshare.storage.index.EntryIndex`` fits)."""
+
+    def add(self, entries: list[E_contra]) -> None: ...
+
+
+def commit_entries(store: TieredStore, index: EntrySink[E],
+                   pending: Sequence[tuple[E, Sequence[KVChunk]]]) -> list[bool]:
+    """Store each entry's chunks, then add the entries whose chunks are all held.
+
+    Returns, per entry, whether it was added. Chunks shared by several entries (a
+    common prefix) are stored once. ``index.add`` is called at most once.
+    """
+    for entry, chunks in pending:
+        if not chunks:
+            raise ValueError(f"entry {entry!r} has no chunks; an entry must point at its KV")
+    unique = {chunk.key: chunk for _, chunks in pending for chunk in chunks}
+    store.put(list(unique.values()))
+    # Checked after all puts: a small tier may have evicted early chunks of this batch.
+    held = dict(zip(unique, store.contains(list(unique))))
+    committed = [all(held[chunk.key] for chunk in chunks) for _, chunks in pending]
+    entries = [entry for (entry, _), ok in zip(pending, committed) if ok]
+    if len(entries) < len(pending):
+        logger.warning("kvshare: %d of %d entries not indexed (chunks not stored)",
+                       len(pending) - len(entries), len(pending))
+    if entries:
+        index.add(entries)
+    return committed
+
+
+@dataclass
+class LoadedKV:
+    """KV of one entry as far as the tiers could supply it."""
+
+    kv: torch.Tensor
+    """``[num_layers, 2, num_tokens, num_kv_heads, head_dim]``; zero where not available."""
+    available: torch.Tensor
+    """``bool[num_tokens]``: True where ``kv`` holds verified stored KV, False where the
+    token must be recomputed."""
+
+    @property
+    def num_available(self) -> int:
+        return int(self.available.sum())
+
+
+def load_entry_kv(store: TieredStore, keys: Sequence[ChunkKey],
+                  token_ids: Sequence[int] | np.ndarray, chunk_tokens: int, layout: KVLayout,
+                  device: str | torch.device = "cpu") -> LoadedKV:
+    """Fetch an entry's chunks and assemble its KV with an availability mask.
+
+    ``keys`` are the entry's chunk keys for ``token_ids`` cut every ``chunk_tokens``
+    tokens. A fetched chunk is used only if its tokens, start position and layout are
+    the expected ones (the hash is not trusted alone).
+    """
+    ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+    spans = chunk_spans(len(ids), chunk_tokens)
+    if len(keys) != len(spans):
+        raise ValueError(f"{len(keys)} chunk keys for {len(ids)} tokens in chunks of "
+                         f"{chunk_tokens}; expected {len(spans)} keys")
+    kv = torch.zeros(layout.shape(len(ids)), dtype=layout.dtype, device=device)
+    available = torch.zeros(len(ids), dtype=torch.bool, device=device)
+    for (start, end), chunk in zip(spans, store.get(keys)):
+        if chunk is None:
+            continue
+        header = chunk.header
+        if (header.layout != layout or header.start_pos != start
+                or header.token_ids != tuple(ids[start:end].tolist())):
+            logger.warning("kvshare: chunk %s does not match its entry (tokens %d..%d); "
+                           "recomputing them", header.key.hex(), start, end)
+            continue
+        kv[:, :, start:end].copy_(chunk.kv)
+        available[start:end] = True
+    return LoadedKV(kv=kv, available=available)

@@ -1,0 +1,121 @@
+"""Redis tier: one key per chunk, header and payload in one value.
+
+Sizing and eviction belong to Redis: run it with ``maxmemory`` set and
+``maxmemory-policy allkeys-lru`` so a full server drops the least recently used chunks
+instead of refusing writes. Chunks may also expire after ``ttl_s``. Several vLLM
+instances (and the kvshare daemon) can share one server: keys are content-addressed,
+so concurrent writers of a key write identical values.
+
+Failure behaviour: connection and socket timeouts are short and redis-py's retries are
+off, so a dead server costs one refused connection (or one timeout) per call, which
+``Tier`` turns into misses. The pool reconnects by itself once the server is back.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import redis
+from kvshare.storage.chunk import KVChunk
+from kvshare.storage.codec import ChunkCodec, ChunkCorruptError
+from kvshare.storage.keys import ChunkKey
+from kvshare.storage.tier import Tier
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+logger = logging.getLogger(__name__)
+
+
+class RedisTier(Tier):
+    """Chunks in Redis under ``key_prefix + key``. Capacity is the server's ``maxmemory``.
+
+    Args:
+        url: ``redis://host:port/db`` or ``unix://path``.
+        codec: encodes values (shared with the disk tier so both hold the same bytes).
+        ttl_s: expire chunks after this many seconds; 0 keeps them until evicted.
+        max_connections: pool size; callers beyond it wait up to ``pool_timeout_s``.
+        socket_timeout_s: per-command read/write timeout; a 6 MB chunk takes ~5 ms locally.
+        connect_timeout_s: TCP connect timeout.
+    """
+
+    failures = (redis.RedisError, OSError)
+
+    def __init__(self, url: str, codec: ChunkCodec, ttl_s: int = 0,
+                 key_prefix: bytes = b"kvshare:chunk:", max_connections: int = 8,
+                 socket_timeout_s: float = 2.0, connect_timeout_s: float = 0.5,
+                 pool_timeout_s: float = 2.0, name: str = "redis") -> None:
+        if ttl_s < 0:
+            raise ValueError(f"RedisTier ttl_s={ttl_s} must be >= 0 (0 = no expiry)")
+        super().__init__(name, capacity_bytes=None)
+        self.codec = codec
+        self.ttl_s = ttl_s
+        self.key_prefix = key_prefix
+        self._pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=pool_timeout_s,
+            socket_timeout=socket_timeout_s, socket_connect_timeout=connect_timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._client = redis.Redis(connection_pool=self._pool)
+        self._stats.chunks = -1
+
+    def _name(self, key: ChunkKey) -> bytes:
+        return self.key_prefix + key
+
+    def _put(self, chunks: Sequence[KVChunk]) -> list[bool]:
+        pipe = self._client.pipeline(transaction=False)
+        for chunk in chunks:
+            pipe.set(self._name(chunk.key), self.codec.encode(chunk), ex=self.ttl_s or None)
+        replies = pipe.execute(raise_on_error=False)
+        for reply in replies:
+            if isinstance(reply, Exception):  # e.g. OOM with maxmemory-policy noeviction
+                self._record_failure("put", reply)
+        return [reply is True for reply in replies]
+
+    def _get(self, keys: Sequence[ChunkKey]) -> list[KVChunk | None]:
+        pipe = self._client.pipeline(transaction=False)
+        for key in keys:
+            pipe.get(self._name(key))
+        return [None if value is None else self._decode(key, value)
+                for key, value in zip(keys, pipe.execute())]
+
+    def _decode(self, key: ChunkKey, value: bytes) -> KVChunk | None:
+        try:
+            chunk = self.codec.decode(value)
+            if chunk.key != key:
+                raise ChunkCorruptError(f"value holds chunk {chunk.key.hex()}")
+            return chunk
+        except ChunkCorruptError as exc:
+            logger.warning("kvshare %s tier: dropping corrupt chunk %s: %s",
+                           self.name, key.hex(), exc)
+            with self._lock:
+                self._stats.corrupt += 1
+            try:
+                self._client.delete(self._name(key))
+            except self.failures:
+                pass  # dropping it is only tidiness; the next get verifies again
+            return None
+
+    def _contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        pipe = self._client.pipeline(transaction=False)
+        for key in keys:
+            pipe.exists(self._name(key))
+        return [bool(n) for n in pipe.execute()]
+
+    def _delete(self, keys: Sequence[ChunkKey]) -> int:
+        return int(self._client.delete(*(self._name(key) for key in keys)))
+
+    def _refresh_stats(self) -> None:
+        """Server-wide figures from INFO (the server may hold other data too)."""
+        try:
+            memory = self._client.info("memory")
+            evicted = self._client.info("stats")["evicted_keys"]
+        except self.failures:
+            return  # keep the last known figures; get/put report the failure
+        with self._lock:
+            self._stats.bytes_used = int(memory["used_memory"])
+            self._stats.capacity_bytes = int(memory["maxmemory"]) or None
+            self._stats.evictions = int(evicted)
+
+    def close(self) -> None:
+        self._pool.disconnect()
