@@ -21,7 +21,7 @@ _COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
      "lookup latency (embed + search + align) with a large index"),
     (("bench", "storage"), "kvshare.bench.storage",
      "tier and codec throughput on real SmolLM2 KV chunks"),
-    (("inspect",), "kvshare.inspect", "look inside the cache: index entries, tiers, plans"),
+    (("inspect",), "kvshare.inspection", "look inside the cache: index entries, tiers, plans"),
 ]
 
 
