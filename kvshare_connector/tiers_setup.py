@@ -1,0 +1,45 @@
+"""Build the chunk store that a ``KVShareConfig`` describes.
+
+The only place where config keys meet storage classes: ``kvshare.storage`` takes plain
+constructor arguments and never reads the config itself.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kvshare.config import KVShareConfig
+from kvshare.storage.codec import ChunkCodec
+from kvshare.storage.disk_tier import DiskTier
+from kvshare.storage.memory_tier import MemoryTier
+from kvshare.storage.redis_tier import RedisTier
+from kvshare.storage.tier import Tier
+from kvshare.storage.tiered_store import TieredStore
+
+logger = logging.getLogger(__name__)
+
+
+def build_store(config: KVShareConfig) -> TieredStore:
+    """Tiers fastest first: GPU, CPU, disk, Redis; a zero capacity or empty URL skips one.
+
+    Disk and Redis share one codec, so both hold the same encoded bytes.
+    """
+    codec = ChunkCodec(config.compression, level=config.zstd_level, threads=config.codec_threads)
+    tiers: list[Tier] = []
+    if config.gpu_bytes:
+        if torch.cuda.is_available():
+            tiers.append(MemoryTier.gpu(config.gpu_bytes))
+        else:
+            logger.warning("kvshare: gpu_bytes=%d but CUDA is not available; no GPU tier",
+                           config.gpu_bytes)
+    if config.cpu_bytes:
+        tiers.append(MemoryTier.cpu(config.cpu_bytes))
+    if config.disk_path is not None and config.disk_bytes:
+        tiers.append(DiskTier(config.disk_path, config.disk_bytes, codec))
+    if config.redis_url:
+        tiers.append(RedisTier(config.redis_url, codec, ttl_s=config.redis_ttl_s))
+    if not tiers:
+        logger.warning("kvshare: every storage tier is disabled; nothing will be reused")
+    return TieredStore(tiers)
