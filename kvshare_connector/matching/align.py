@@ -96,7 +96,7 @@ class _Sources:
     def of(cls, candidates: Sequence[Candidate]) -> _Sources:
         arrays = [_as_array(c.token_ids, f"candidate {c.entry_id!r}") for c in candidates]
         lengths = np.array([a.size for a in arrays], dtype=np.int64)
-        end = np.cumsum(lengths)
+        end = lengths.cumsum()
         return cls(np.concatenate(arrays), end - lengths, end, lengths)
 
 
@@ -118,8 +118,8 @@ def _maximal_matches(
     if nt <= 0 or per_cand.sum() == 0:
         return empty, empty, empty, empty
     # Source seeds: the k-grams at every stride-th position of each candidate.
-    seed_cand = np.repeat(np.arange(src.lengths.size), per_cand)
-    first = np.cumsum(per_cand) - per_cand
+    seed_cand = np.arange(src.lengths.size).repeat(per_cand)
+    first = per_cand.cumsum() - per_cand
     seed_pos = src.start[seed_cand] + (np.arange(seed_cand.size) - first[seed_cand]) * stride
     ht = _gram_hashes(target, k)
     hs = _gram_hashes(src.tokens, k)[seed_pos]
@@ -138,10 +138,10 @@ def _maximal_matches(
     n = target.size
     diag = seed_pos[si] - i
     key = (diag + n) * (n + 1) + i
-    heads = np.flatnonzero(~linked_prev)
-    heads = heads[np.argsort(key[heads])]
-    tails = np.flatnonzero(~linked_next)
-    tails = tails[np.argsort(key[tails])]
+    heads = (~linked_prev).nonzero()[0]
+    heads = heads[key[heads].argsort()]
+    tails = (~linked_next).nonzero()[0]
+    tails = tails[key[tails].argsort()]
     start, d, c = i[heads], diag[heads], c[heads]
     end = i[tails] + k
 
@@ -157,7 +157,7 @@ def _maximal_matches(
     merged_into_next = next_same & (right == gap)
     keep = np.ones(start.size, dtype=bool)
     keep[1:] = ~merged_into_next[:-1]
-    firsts = np.flatnonzero(keep)
+    firsts = keep.nonzero()[0]
     end = np.maximum.reduceat(end + right, firsts)
     start, d, c = start[firsts], d[firsts], c[firsts]
     room = np.minimum(start, start + d - src.start[c])
@@ -182,23 +182,23 @@ def _seed_pairs(
     size = 1 << bits
     bt = (ht >> np.uint64(64 - bits)).astype(np.uint16 if bits <= 16 else np.int64)
     count_t = np.bincount(bt, minlength=size)
-    order_t = np.argsort(bt, kind="stable")
-    first_t = np.cumsum(count_t) - count_t
+    order_t = bt.argsort(kind="stable")
+    first_t = count_t.cumsum() - count_t
     bs = (hs >> np.uint64(64 - bits)).astype(np.int64)
     count_s = np.bincount(bs, minlength=size)
     max_hits = max(_MIN_SEED_HITS, SEED_HITS_PER_CANDIDATE * num_candidates)
     rare = count_s[bs] <= max_hits
     in_target = count_t[bs] > 0
-    probes = np.flatnonzero(rare & in_target)
-    frequent = np.flatnonzero(~rare & in_target)
+    probes = (rare & in_target).nonzero()[0]
+    frequent = (~rare & in_target).nonzero()[0]
     if frequent.size:
         gram_in_cand = hs[frequent] ^ (seed_cand[frequent].astype(np.uint64) * _M1)
         frequent = frequent[np.unique(gram_in_cand, return_index=True)[1]]
         probes = np.concatenate([probes, frequent])
     per_probe = count_t[bs[probes]]
     total = int(per_probe.sum())
-    si = np.repeat(probes, per_probe)
-    offset = np.repeat(first_t[bs[probes]] - (np.cumsum(per_probe) - per_probe), per_probe)
+    si = probes.repeat(per_probe)
+    offset = (first_t[bs[probes]] - (per_probe.cumsum() - per_probe)).repeat(per_probe)
     i = order_t[offset + np.arange(total)]
     same = ht[i] == hs[si]
     i, si = i[same], si[same]
@@ -227,7 +227,7 @@ def _greedy_runs(
     if starts.size == 0:
         return runs
     pos = 0
-    prefix = np.flatnonzero((starts == 0) & (srcs == src.start[cands]))
+    prefix = ((starts == 0) & (srcs == src.start[cands])).nonzero()[0]
     if prefix.size:
         best = prefix[np.lexsort((cands[prefix], -ends[prefix]))[0]]
         if ends[best] >= min_run:
@@ -238,20 +238,20 @@ def _greedy_runs(
     # candidate). Between two match starts the reach is constant, so a piece can only begin
     # where the previous one ended or at a match start.
     num = starts.size
-    order = np.argsort(starts, kind="stable")
+    order = starts.argsort(kind="stable")
     s_sorted = starts[order]
     key = (ends[order] * num_candidates + (num_candidates - 1 - cands[order])) * num
     best = order[np.maximum.accumulate(key + np.arange(num)) % num]
     reach = ends[best]
-    ok = np.flatnonzero(reach - s_sorted > min_run)  # trimmed piece is long enough
+    ok = (reach - s_sorted > min_run).nonzero()[0]  # trimmed piece is long enough
     while True:
-        at = int(np.searchsorted(s_sorted, pos, side="right")) - 1
+        at = int(s_sorted.searchsorted(pos, side="right")) - 1
         if at < 0 or reach[at] - pos <= min_run:
-            nxt = int(np.searchsorted(ok, at + 1))
+            nxt = int(ok.searchsorted(at + 1))
             if nxt == ok.size:
                 break
             pos = int(s_sorted[ok[nxt]])
-            at = int(np.searchsorted(s_sorted, pos, side="right")) - 1
+            at = int(s_sorted.searchsorted(pos, side="right")) - 1
         m = int(best[at])
         c = int(cands[m])
         at_src = int(srcs[m] + (pos - starts[m]) - src.start[c])
@@ -272,11 +272,11 @@ def _verified(
     dst, cand, at_src, length = (np.array(col, dtype=np.int64) for col in zip(*runs))
     trimmed = (dst > 0).astype(np.int64)  # runs other than an exact prefix
     dst, at_src, length = dst - trimmed, at_src - trimmed, length + trimmed
-    firsts = np.cumsum(length) - length
-    offsets = np.arange(int(length.sum())) - np.repeat(firsts, length)
+    firsts = length.cumsum() - length
+    offsets = np.arange(int(length.sum())) - firsts.repeat(length)
     equal = (
-        target[np.repeat(dst, length) + offsets]
-        == src.tokens[np.repeat(src.start[cand] + at_src, length) + offsets]
+        target[dst.repeat(length) + offsets]
+        == src.tokens[(src.start[cand] + at_src).repeat(length) + offsets]
     )
     ok = np.logical_and.reduceat(equal, firsts)
     return runs if ok.all() else [run for run, good in zip(runs, ok) if good]
@@ -288,7 +288,7 @@ def _build_plan(n: int, runs: list[tuple[int, int, int, int]], ids: list[str]) -
     for dst, c, src, length in runs:
         covered[dst : dst + length] = True
         out.append(ReuseRun(dst, ids[c], src, length))
-    return ReusePlan(n, out, np.flatnonzero(~covered).astype(np.int32))
+    return ReusePlan(n, out, (~covered).nonzero()[0].astype(np.int32))
 
 
 def _common_length(
@@ -301,7 +301,7 @@ def _common_length(
     ``_MAX_BLOCK_PASSES`` block passes the walks still going stop where they are (shorter
     but still exact matches): that bounds the work on degenerate, highly repetitive text."""
     out = np.zeros(px.size, dtype=np.int64)
-    active = np.flatnonzero(limit > 0)
+    active = (limit > 0).nonzero()[0]
     for _ in range(2):
         if not active.size:
             return out
