@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 from kvshare.matching.plan import Candidate, ReusePlan, ReuseRun
@@ -348,6 +349,7 @@ def _gram_hashes(tokens: np.ndarray, k: int) -> np.ndarray:
         width *= 2
 
 
+@cache
 def _poly_pow(width: int) -> np.uint64:
     return np.uint64(pow(_POLY, width, 1 << 64))
 
