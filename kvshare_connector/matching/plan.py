@@ -131,7 +131,7 @@ class ReusePlan:
     def check(self, target: Sequence[int], candidates: Sequence[Candidate]) -> None:
         """Raise ``ValueError`` unless every run maps equal tokens of a given candidate.
 
-        Costs O(reused tokens); the planner runs it on every plan it returns.
+        Costs O(reused tokens). `plan_reuse` makes the same comparison before it returns.
         """
         if len(target) != self.num_tokens:
             raise ValueError(f"plan is for {self.num_tokens} tokens, target has {len(target)}")
