@@ -5,12 +5,20 @@ arbitrary subset of prompt positions while attending over K/V rows that partly c
 from another prompt. So a model is exposed as the handful of steps of a pre-norm
 Llama-style decoder layer::
 
-    x = input_norm(l, h)
-    q, k, v = qkv(l, x)                    # before RoPE
+    x, residual = input_norm(l, update, residual)   # residual is None at layer 0
+    q, k, v = qkv(l, x)                              # before RoPE
     q, k = rope(q, k, positions)
     keys[l][positions], values[l][positions] = k, v
-    h = h + o_proj(l, attention(l, q, positions, keys[l], values[l]))
-    h = h + mlp(l, post_attention_norm(l, h))
+    attn = attention(l, q, positions, keys[l], values[l])
+    x, residual = post_attention_norm(l, o_proj(l, attn), residual)
+    update = mlp(l, x)
+    ...
+    logits = logits(update, residual)                # after the last layer
+
+The residual stream is carried as (pending update, residual) and the add happens
+inside the norms, as in vLLM's decoder layers: vLLM's fused add + RMSNorm normalises
+the float32 sum, not the rounded bf16 residual, so an interface that handed adapters a
+pre-summed hidden state could not reproduce vLLM's prefill bit for bit.
 
 Adapters wrap a model's own modules (transformers here; vLLM's Llama/Qwen2 modules and
 attention backend later), so the engine reproduces the model's numerics instead of
@@ -62,8 +70,14 @@ class ModelAdapter(ABC):
         """int64 ``[n]`` -> hidden ``[n, hidden_size]`` (input of layer 0)."""
 
     @abstractmethod
-    def input_norm(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        """The layer's pre-attention norm of ``hidden`` ``[n, hidden_size]``."""
+    def input_norm(
+        self, layer: int, update: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add ``update`` to the residual stream, apply the pre-attention norm.
+
+        Returns ``(normed, new residual)``, both ``[n, hidden_size]``. At layer 0
+        ``residual`` is None and ``update`` is the embedding, which becomes the residual.
+        """
 
     @abstractmethod
     def qkv(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -97,13 +111,21 @@ class ModelAdapter(ABC):
         """Attention output ``[n, num_heads * head_dim]`` -> residual update ``[n, hidden]``."""
 
     @abstractmethod
-    def post_attention_norm(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        """The layer's pre-MLP norm."""
+    def post_attention_norm(
+        self, layer: int, update: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the attention ``update`` to the residual stream, apply the pre-MLP norm.
+
+        Returns ``(normed, new residual)``.
+        """
 
     @abstractmethod
     def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Normed ``x`` -> residual update ``[n, hidden_size]``."""
 
     @abstractmethod
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Last layer's output ``[n, hidden_size]`` -> final norm, LM head: ``[n, vocab]``."""
+    def logits(self, update: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Last layer's (update, residual) ``[n, hidden_size]`` -> final norm, LM head.
+
+        Returns ``[n, vocab]``.
+        """

@@ -166,12 +166,14 @@ class SelectiveRecomputeEngine:
             if self.check_layers
             else initial.nonzero().flatten()
         )
-        hidden = adapter.embed(tokens[positions])
+        # The residual stream of tracked positions, as (pending update, residual).
+        update, residual = adapter.embed(tokens[positions]), None
         rows = torch.zeros(adapter.num_layers, dtype=torch.int64)
         checks = dict(zip(self.check_layers, self.rhos, strict=True))
 
         for layer in range(adapter.num_layers):
-            q, k, v = adapter.qkv(layer, adapter.input_norm(layer, hidden))
+            x, residual = adapter.input_norm(layer, update, residual)
+            q, k, v = adapter.qkv(layer, x)
             q, k = adapter.rope(q, k, positions)
             keep = None
             if layer in checks:
@@ -182,12 +184,12 @@ class SelectiveRecomputeEngine:
             reused.values[layer, positions] = v
             rows[layer] = positions.numel()
             if keep is not None:
-                positions, hidden, q = positions[keep], hidden[keep], q[keep]
+                positions, residual, q = positions[keep], residual[keep], q[keep]
             if positions.numel() == 0:
                 break  # nothing tracked: every remaining row stays reused
             attn = adapter.attention(layer, q, positions, reused.keys[layer], reused.values[layer])
-            hidden = hidden + adapter.o_proj(layer, attn)
-            hidden = hidden + adapter.mlp(layer, adapter.post_attention_norm(layer, hidden))
+            x, residual = adapter.post_attention_norm(layer, adapter.o_proj(layer, attn), residual)
+            update = adapter.mlp(layer, x)
 
         last_tracked = positions.numel() > 0 and int(positions[-1]) == num_tokens - 1
         return RecomputeResult(
@@ -195,7 +197,9 @@ class SelectiveRecomputeEngine:
             tracked=positions,
             selected=positions[~initial[positions]],
             rows_recomputed=rows,
-            last_logits=adapter.logits(hidden[-1:])[0].float() if last_tracked else None,
+            last_logits=(
+                adapter.logits(update[-1:], residual[-1:])[0].float() if last_tracked else None
+            ),
         )
 
     @staticmethod

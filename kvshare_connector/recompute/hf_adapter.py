@@ -75,8 +75,11 @@ class HFDecoderAdapter(ModelAdapter):
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self._decoder.embed_tokens(token_ids)
 
-    def input_norm(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        return self._decoder.layers[layer].input_layernorm(hidden)
+    def input_norm(
+        self, layer: int, update: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        stream = update if residual is None else residual + update  # HF's add, model dtype
+        return self._decoder.layers[layer].input_layernorm(stream), stream
 
     def qkv(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         attn = self._decoder.layers[layer].self_attn
@@ -117,11 +120,14 @@ class HFDecoderAdapter(ModelAdapter):
     def o_proj(self, layer: int, attn_out: torch.Tensor) -> torch.Tensor:
         return self._decoder.layers[layer].self_attn.o_proj(attn_out)
 
-    def post_attention_norm(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        return self._decoder.layers[layer].post_attention_layernorm(hidden)
+    def post_attention_norm(
+        self, layer: int, update: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        stream = residual + update
+        return self._decoder.layers[layer].post_attention_layernorm(stream), stream
 
     def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         return self._decoder.layers[layer].mlp(x)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._lm_head(self._decoder.norm(hidden))
+    def logits(self, update: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self._lm_head(self._decoder.norm(residual + update))

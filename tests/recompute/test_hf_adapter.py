@@ -79,6 +79,8 @@ def test_length_dependent_rope_is_refused(make_tiny):
 def test_unsupported_architecture_is_refused():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    model = GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0)
+    )
     with pytest.raises(ValueError, match=r"model_type 'gpt2' is not supported; expected one of"):
         HFDecoderAdapter(model)

@@ -11,7 +11,8 @@ from kvshare.recompute import rerotate_keys
 
 def _layer0_keys(adapter, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Layer-0 keys depend only on token and position: the cleanest RoPE probe."""
-    q, k, _ = adapter.qkv(0, adapter.input_norm(0, adapter.embed(token_ids)))
+    x, _ = adapter.input_norm(0, adapter.embed(token_ids), None)
+    q, k, _ = adapter.qkv(0, x)
     return adapter.rope(q, k, positions)[1]
 
 
