@@ -105,13 +105,19 @@ class HFDecoderAdapter(ModelAdapter):
         keys: torch.Tensor,
         values: torch.Tensor,
     ) -> torch.Tensor:
-        key_positions = torch.arange(keys.shape[0], device=keys.device)
-        mask = key_positions[None, :] <= q_positions[:, None]  # [n, T], True = may attend
+        if q.shape[0] == keys.shape[0]:
+            # Positions are strictly increasing, so this is every position: a plain causal
+            # prefill, where SDPA's is_causal skips the masked half (2x faster on CPU).
+            mask = None
+        else:
+            key_positions = torch.arange(keys.shape[0], device=keys.device)
+            mask = key_positions[None, :] <= q_positions[:, None]  # [n, T], True = may attend
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None],  # [1, Hq, n, D]
             keys.transpose(0, 1)[None],  # [1, Hkv, T, D]
             values.transpose(0, 1)[None],
             attn_mask=mask,
+            is_causal=mask is None,
             scale=self._scaling,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )
