@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
 from kvshare.storage.keys import KEY_BYTES, ChunkKey, chunk_keys, chunk_spans
 
 # Wire codes of the dtypes a chunk may hold. Codes are part of the format: never reuse one.

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import xxhash
 import zstandard
+
 from kvshare.storage.chunk import DTYPE_CODES, DTYPES_BY_CODE, ChunkHeader, KVChunk, KVLayout
 from kvshare.storage.keys import KEY_BYTES, token_bytes
 
@@ -82,7 +83,7 @@ class ChunkCodec:
         compression: Compression = "zstd-byteplane",
         level: int = 1,
         threads: int = 2,
-        block_bytes: int = 2 << 20,
+        block_bytes: int = 1 << 20,
         parallel_min_bytes: int = 1 << 20,
     ) -> None:
         if compression not in COMPRESSIONS:
@@ -107,7 +108,15 @@ class ChunkCodec:
 
     # -- encode -----------------------------------------------------------------------
     def encode(self, chunk: KVChunk) -> bytes:
-        """Header, checksum and payload as one buffer (one value for Redis, one file)."""
+        """Header, checksum and payload as one buffer (one Redis value)."""
+        return b"".join(self.encode_parts(chunk))
+
+    def encode_parts(self, chunk: KVChunk) -> list[bytes | memoryview]:
+        """The encoding as consecutive pieces, for writers that need no single buffer.
+
+        With the raw codec the payload piece is a view of the tensor's memory (no copy;
+        valid while ``chunk`` is alive and unmodified).
+        """
         raw = _as_bytes(chunk.kv)
         if self.compression == "raw":
             frames: list[bytes | memoryview] = [raw.data]
@@ -127,7 +136,7 @@ class ChunkCodec:
         digest = xxhash.xxh3_64(header)
         for frame in frames:
             digest.update(frame)
-        return b"".join([header, _CHECKSUM.pack(digest.intdigest()), *frames])
+        return [header + _CHECKSUM.pack(digest.intdigest()), *frames]
 
     def _compress_block(self, block: np.ndarray, planes: int) -> list[bytes]:
         compressor = self._thread_state().compressor

@@ -18,6 +18,7 @@ from typing import Protocol, Sequence, TypeVar
 
 import numpy as np
 import torch
+
 from kvshare.storage.chunk import KVChunk, KVLayout
 from kvshare.storage.keys import ChunkKey, chunk_spans
 from kvshare.storage.tiered_store import TieredStore

@@ -83,25 +83,26 @@ class DiskTier(Tier):
             if self._touch_if_held(chunk.key):
                 ok.append(True)
                 continue
-            data = self.codec.encode(chunk)
-            if not self._reserve(len(data)):
+            parts = self.codec.encode_parts(chunk)
+            size = sum(len(part) for part in parts)
+            if not self._reserve(size):
                 ok.append(False)
                 continue
             path = self._path(chunk.key)
             try:
-                _write_atomic(path, data, self.root)
+                _write_atomic(path, parts, self.root)
             except OSError as exc:  # ENOSPC, EIO...: this chunk only; earlier ones are intact
                 with self._lock:
-                    self._reserved -= len(data)
+                    self._reserved -= size
                 self._record_failure("put", exc)
                 ok.append(False)
                 continue
             _set_mtime(path, self._tick())
             with self._lock:
-                self._reserved -= len(data)
+                self._reserved -= size
                 if chunk.key not in self._sizes:  # a concurrent writer of the same key may have won
-                    self._sizes[chunk.key] = len(data)
-                    self._stats.bytes_used += len(data)
+                    self._sizes[chunk.key] = size
+                    self._stats.bytes_used += size
                     self._stats.chunks += 1
             wrote = True
             ok.append(True)
@@ -208,14 +209,18 @@ def _key_of(name: str) -> ChunkKey | None:
         return None
 
 
-def _write_atomic(path: Path, data: bytes, directory: Path) -> None:
-    """temp file + write + fsync + rename; the temp file is removed on any failure."""
+def _write_atomic(path: Path, parts: list[bytes | memoryview], directory: Path) -> None:
+    """temp file + write + fsync + rename; the temp file is removed on any failure.
+
+    The pieces are written one after another rather than joined: no copy of the chunk.
+    """
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.stem}.", suffix=_TMP_SUFFIX)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            for part in parts:
+                view = memoryview(part).cast("B")
+                while view:
+                    view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from typing import Sequence
 
 import torch
+
 from kvshare.storage.chunk import KVChunk
 from kvshare.storage.keys import ChunkKey
 from kvshare.storage.tier import Tier

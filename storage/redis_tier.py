@@ -17,12 +17,13 @@ import logging
 from typing import Sequence
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
 from kvshare.storage.chunk import KVChunk
 from kvshare.storage.codec import ChunkCodec, ChunkCorruptError
 from kvshare.storage.keys import ChunkKey
 from kvshare.storage.tier import Tier
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 logger = logging.getLogger(__name__)
 

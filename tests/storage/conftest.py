@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 import pytest
+
 from kvshare.storage.codec import ChunkCodec
 from kvshare.storage.redis_server import RedisServer
 

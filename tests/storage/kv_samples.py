@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from kvshare.storage.chunk import KVChunk, KVLayout, split_prompt_kv
 
 SMALL = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.bfloat16)

@@ -1,6 +1,7 @@
 """Chunk keys name whole prefixes: equal up to a chunk's end <=> equal key."""
 
 import pytest
+
 from kvshare.storage.keys import KEY_BYTES, ROOT_PARENT, chunk_key, chunk_keys, chunk_spans
 
 
