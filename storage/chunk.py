@@ -12,8 +12,8 @@ The wire form (magic, format version, codec, checksum) lives in ``codec.py``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -32,8 +32,9 @@ from __future__ import annotations
 import struct
 import sys
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Literal, Sequence, get_args
+from typing import Literal, get_args
 
 import numpy as np
 import torch

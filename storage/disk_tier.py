@@ -19,8 +19,8 @@ import os
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from kvshare.storage.chunk import KVChunk
 from kvshare.storage.codec import ChunkCodec, ChunkCorruptError

@@ -12,7 +12,7 @@ compares them with the tokens it expected (see ``commit.load_entry_kv``).
 from __future__ import annotations
 
 import struct
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import xxhash

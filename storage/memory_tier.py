@@ -10,7 +10,7 @@ where CUDA does.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -46,12 +46,12 @@ class MemoryTier(Tier):
         self._chunks: OrderedDict[ChunkKey, KVChunk] = OrderedDict()
 
     @classmethod
-    def cpu(cls, capacity_bytes: int) -> "MemoryTier":
+    def cpu(cls, capacity_bytes: int) -> MemoryTier:
         """Host-memory tier, pinned when CUDA is present."""
         return cls(capacity_bytes, device="cpu")
 
     @classmethod
-    def gpu(cls, capacity_bytes: int, device: str | torch.device = "cuda") -> "MemoryTier":
+    def gpu(cls, capacity_bytes: int, device: str | torch.device = "cuda") -> MemoryTier:
         """Device-memory tier; raises ValueError without CUDA."""
         return cls(capacity_bytes, device=device, name="gpu")
 

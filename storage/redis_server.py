@@ -53,7 +53,7 @@ class RedisServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self, timeout_s: float = 10.0) -> "RedisServer":
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
         """Start the server and return once it answers PING (or raise naming why not)."""
         if self.running:
             return self
@@ -108,7 +108,7 @@ class RedisServer:
         self.kill()
         shutil.rmtree(self._dir, ignore_errors=True)
 
-    def __enter__(self) -> "RedisServer":
+    def __enter__(self) -> RedisServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -14,7 +14,7 @@ off, so a dead server costs one refused connection (or one timeout) per call, wh
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import redis
 from redis.backoff import NoBackoff

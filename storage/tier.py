@@ -15,8 +15,9 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Sequence, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from kvshare.storage.chunk import KVChunk
 from kvshare.storage.keys import ChunkKey
@@ -134,7 +135,7 @@ class Tier(ABC):
         with self._lock:
             return dataclasses.replace(self._stats)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook: most tiers hold nothing to release)
         """Release backend resources (connections, threads). Idempotent."""
 
     # -- backend hooks -------------------------------------------------------------------
@@ -150,7 +151,7 @@ class Tier(ABC):
     @abstractmethod
     def _delete(self, keys: Sequence[ChunkKey]) -> int: ...
 
-    def _refresh_stats(self) -> None:
+    def _refresh_stats(self) -> None:  # noqa: B027 (optional hook, see docstring)
         """Pull usage figures the backend keeps itself (Redis); local tiers track them."""
 
     # -- failure handling -----------------------------------------------------------------

@@ -9,7 +9,7 @@ and the store carries on with the others.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from kvshare.storage.chunk import KVChunk
 from kvshare.storage.keys import ChunkKey

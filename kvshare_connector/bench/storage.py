@@ -128,7 +128,7 @@ def _raw_bytes(chunk: KVChunk) -> memoryview:
 # -- codecs ---------------------------------------------------------------------------------
 def bench_codecs(chunks: list[KVChunk], levels: list[int], threads: int,
                  repeats: int) -> list[dict]:
-    total = sum(c.nbytes for c in chunks)
+    """Ratio and encode/decode speed of every codec and level on the same chunks."""
     variants = [("raw", 1, threads)] + [
         (compression, level, threads) for compression in ("zstd", "zstd-byteplane")
         for level in levels
@@ -138,19 +138,22 @@ def bench_codecs(chunks: list[KVChunk], levels: list[int], threads: int,
     rows = []
     for compression, level, n_threads in variants:
         codec = ChunkCodec(compression, level=level, threads=n_threads)
-        encoded = [codec.encode(c) for c in chunks]
-        encode_s, decode_s = paired_medians(
-            repeats,
-            lambda: timed(lambda: [codec.encode(c) for c in chunks]),
-            lambda: timed(lambda: [codec.decode(e) for e in encoded]),
-        )
-        rows.append({
-            "codec": compression, "level": level if compression != "raw" else None,
-            "threads": n_threads, "ratio": total / sum(len(e) for e in encoded),
-            "encode_GBps": gbps(total, encode_s), "decode_GBps": gbps(total, decode_s),
-        })
+        rows.append({"codec": compression, "level": level if compression != "raw" else None,
+                     "threads": n_threads, **_bench_codec(codec, chunks, repeats)})
         codec.close()
     return rows
+
+
+def _bench_codec(codec: ChunkCodec, chunks: list[KVChunk], repeats: int) -> dict:
+    total = sum(c.nbytes for c in chunks)
+    encoded = [codec.encode(c) for c in chunks]
+    encode_s, decode_s = paired_medians(
+        repeats,
+        lambda: timed(lambda: [codec.encode(c) for c in chunks]),
+        lambda: timed(lambda: [codec.decode(e) for e in encoded]),
+    )
+    return {"ratio": total / sum(len(e) for e in encoded),
+            "encode_GBps": gbps(total, encode_s), "decode_GBps": gbps(total, decode_s)}
 
 
 # -- tiers ----------------------------------------------------------------------------------

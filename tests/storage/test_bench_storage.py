@@ -3,11 +3,10 @@
 import argparse
 
 import redis
+from kv_samples import make_chunks
 
 from kvshare.bench import storage as bench
 from kvshare.storage.codec import ChunkCodec
-
-from kv_samples import make_chunks
 
 
 def test_paired_medians_interleaves_passes_after_a_warm_up():

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from kv_samples import assert_same_chunk, make_chunks, random_kv
 
 from kvshare.storage.chunk import DTYPE_CODES, KVChunk, KVLayout, split_prompt_kv
 from kvshare.storage.codec import COMPRESSIONS, ChunkCodec, ChunkCorruptError
-
-from kv_samples import assert_same_chunk, make_chunks, random_kv
 
 LAYOUTS = [
     KVLayout(num_layers=1, num_kv_heads=1, head_dim=1, dtype=dtype) for dtype in DTYPE_CODES

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from kv_samples import SMALL, random_kv
 
 from kvshare.storage.chunk import split_prompt_kv
 from kvshare.storage.commit import commit_entries, load_entry_kv
@@ -11,8 +12,6 @@ from kvshare.storage.disk_tier import DiskTier
 from kvshare.storage.memory_tier import MemoryTier
 from kvshare.storage.redis_tier import RedisTier
 from kvshare.storage.tiered_store import TieredStore
-
-from kv_samples import SMALL, random_kv
 
 
 @dataclass

@@ -4,10 +4,9 @@ import errno
 import os
 
 import pytest
+from kv_samples import assert_same_chunk, make_chunks
 
 from kvshare.storage.disk_tier import DiskTier
-
-from kv_samples import assert_same_chunk, make_chunks
 
 
 def files(root, pattern="*"):

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from kv_samples import assert_same_chunk, make_chunks
 
 from kvshare.storage.memory_tier import MemoryTier
-
-from kv_samples import assert_same_chunk, make_chunks
 
 
 def test_round_trip_and_stats():

@@ -1,10 +1,9 @@
 """Redis tier against a real redis-server: round trip, TTL, damage, and a server crash."""
 
 import redis
+from kv_samples import assert_same_chunk, make_chunks
 
 from kvshare.storage.redis_tier import RedisTier
-
-from kv_samples import assert_same_chunk, make_chunks
 
 
 def raw_client(server):

@@ -4,13 +4,12 @@ import random
 import threading
 
 import pytest
+from kv_samples import assert_same_chunk, make_chunks
 
 from kvshare.storage.disk_tier import DiskTier
 from kvshare.storage.memory_tier import MemoryTier
 from kvshare.storage.redis_tier import RedisTier
 from kvshare.storage.tiered_store import TieredStore
-
-from kv_samples import assert_same_chunk, make_chunks
 
 
 @pytest.fixture

@@ -39,3 +39,11 @@ def test_storage_config_values_are_checked():
         KVShareConfig(codec_threads=0)
     with pytest.raises(ConfigError, match="gpu_bytes=-1"):
         KVShareConfig(gpu_bytes=-1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_tier_comes_first_where_cuda_is_present(tmp_path):
+    config = KVShareConfig(home=str(tmp_path), gpu_bytes=1 << 20, disk_dir="none")
+    store = build_store(config)
+    assert [t.name for t in store.tiers] == ["gpu", "cpu"]
+    assert store.tiers[0].device.type == "cuda" and store.tiers[1].pin_memory
