@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     parser.add_argument("--config", metavar="YAML",
-                        help="kvshare config file (default: $KVSHARE_CONFIG, then built-in defaults)")
+                        help="kvshare config file "
+                        "(default: $KVSHARE_CONFIG, then built-in defaults)")
     top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
     for path, module, help_text in _COMMANDS:

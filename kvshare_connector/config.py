@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -145,7 +146,7 @@ class KVShareConfig:
         path: str | os.PathLike[str] | None = None,
         overrides: Mapping[str, Any] | None = None,
         environ: Mapping[str, str] | None = None,
-    ) -> "KVShareConfig":
+    ) -> KVShareConfig:
         """Build the config from file, explicit overrides and environment, in that order."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
@@ -157,7 +158,7 @@ class KVShareConfig:
         return cls.from_dict(values)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "KVShareConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> KVShareConfig:
         """Coerce and check every key; unknown keys are errors."""
         known = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {}
@@ -204,6 +205,10 @@ def _field_type(cls: type, key: str) -> Any:
     return typing.get_type_hints(cls)[key]
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
 def _coerce(key: str, raw: Any, kind: Any) -> Any:
     """Turn YAML/env values into the field's type, or raise naming the key."""
     def fail() -> ConfigError:
@@ -212,8 +217,8 @@ def _coerce(key: str, raw: Any, kind: Any) -> Any:
     if kind is bool:
         if isinstance(raw, bool):
             return raw
-        if isinstance(raw, str) and raw.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return raw.lower() in ("1", "true", "yes", "on")
+        if isinstance(raw, str) and raw.lower() in _TRUE + _FALSE:
+            return raw.lower() in _TRUE
         raise fail()
     if kind is int:
         if isinstance(raw, bool):

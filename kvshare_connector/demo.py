@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     kvshare = KVSharePolicy(Matcher.from_config(config, index, embedder, config.model))
     prefix = PrefixCachePolicy(16)
 
-    header = f"{'#':>3} {'tokens':>6} {'prefix':>7} {'kvshare':>8} {'sources':>7} {'lookup':>8}  prompt"
+    header = (f"{'#':>3} {'tokens':>6} {'prefix':>7} {'kvshare':>8} {'sources':>7} "
+              f"{'lookup':>8}  prompt")
     print(header)
     print("-" * len(header))
     totals = np.zeros(3, np.int64)

@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     config = KVShareConfig.load(args.config)
     index_dir = args.index_dir or config.index_dir
     if not index_dir.is_dir():
-        raise SystemExit(f"no kvshare index at {index_dir} (set --index-dir or `home` in the config)")
+        raise SystemExit(
+            f"no kvshare index at {index_dir} (set --index-dir or `home` in the config)")
     embedder = make_embedder(config.embedder, config.embed_max_chars)
     index = EntryIndex(index_dir, embedder.dim)
     if args.view == "stats":

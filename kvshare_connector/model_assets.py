@@ -46,7 +46,8 @@ def resolve_model_dir(model: str, home: Path | None = None) -> Path:
     path = Path(model).expanduser()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"model {model!r} is neither the alias {SMOLLM2_ALIAS!r} nor a directory with config.json"
+            f"model {model!r} is neither the alias {SMOLLM2_ALIAS!r} "
+            "nor a directory with config.json"
         )
     return path
 

@@ -24,9 +24,9 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -313,7 +313,7 @@ class EntryIndex:
                 "path": str(self.path),
             }
 
-    def __enter__(self) -> "EntryIndex":
+    def __enter__(self) -> EntryIndex:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,1 +1,4 @@
-"""Benchmarks behind `kvshare bench ...`; each compares against a baseline measured in the same run."""
+"""Benchmarks behind ``kvshare bench ...``.
+
+Each compares against a baseline measured in the same run, on the same data.
+"""

@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed for the index's ANN training sample (default: 0)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON")
     parser.add_argument("--out", type=Path, default=Path("results/hitrate"),
-                        help="directory for the markdown table and CDF plot (default: results/hitrate)")
+                        help="directory for the markdown table and CDF plot "
+                             "(default: results/hitrate)")
 
 
 def run(args: argparse.Namespace) -> int:

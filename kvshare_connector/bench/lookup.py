@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     from kvshare.storage.index import EntryIndex, IndexEntry, new_entry_id
 
     if args.entries < 1 or args.queries < 1:
-        raise SystemExit(f"--entries and --queries must be >= 1, got {args.entries}, {args.queries}")
+        raise SystemExit(
+            f"--entries and --queries must be >= 1, got {args.entries}, {args.queries}")
     config = KVShareConfig.load(args.config)
     tokenizer = load_tokenizer(config.model)
     embedder = make_embedder(config.embedder, config.embed_max_chars)

@@ -61,7 +61,8 @@ class PrefixCachePolicy:
     def _chain(self, token_ids: np.ndarray):
         parent = b""
         for start in range(0, len(token_ids) - self.block_tokens + 1, self.block_tokens):
-            parent = xxhash.xxh3_128_digest(parent + token_ids[start : start + self.block_tokens].tobytes())
+            block = token_ids[start : start + self.block_tokens].tobytes()
+            parent = xxhash.xxh3_128_digest(parent + block)
             yield parent
 
     def reuse(self, request: Request) -> int:

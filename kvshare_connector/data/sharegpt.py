@@ -8,9 +8,9 @@ tail, which yields about 17.7k conversations.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterator
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ become recompute).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -61,7 +61,7 @@ class Matcher:
 
     @classmethod
     def from_config(cls, config: KVShareConfig, index: EntryIndex, embedder: Embedder,
-                    model_id: str) -> "Matcher":
+                    model_id: str) -> Matcher:
         return cls(index, embedder, model_id, top_k=config.top_k,
                    min_run_tokens=config.min_run_tokens,
                    share_public_scope=config.share_public_scope)

@@ -41,8 +41,9 @@ def test_edited_prompt_reuses_the_unchanged_spans(matcher, tokenizer):
     plan = matcher.lookup(edited, tokens).plan
     assert 0.7 < plan.reuse_fraction < 1.0
     for run in plan.runs:
-        assert tokens[run.dst_start : run.dst_start + run.length] == \
-            list(matcher.index.get([run.entry_id])[0].token_ids[run.src_start : run.src_start + run.length])
+        (source,) = matcher.index.get([run.entry_id])
+        assert tokens[run.dst_start : run.dst_end] == \
+            source.token_ids[run.src_start : run.src_start + run.length].tolist()
 
 
 def test_tenants_never_see_each_other(matcher, tokenizer):
