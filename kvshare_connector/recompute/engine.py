@@ -114,7 +114,7 @@ class SelectiveRecomputeEngine:
         check_layers: Sequence[int] = (1,),
     ) -> None:
         check_layers = tuple(int(c) for c in check_layers)
-        if any(b <= a for a, b in zip(check_layers, check_layers[1:], strict=False)):
+        if any(b <= a for a, b in zip(check_layers, check_layers[1:])):
             raise ValueError(f"check_layers must be strictly increasing, got {check_layers}")
         if check_layers and not (0 <= check_layers[0] and check_layers[-1] < adapter.num_layers):
             raise ValueError(
@@ -128,9 +128,7 @@ class SelectiveRecomputeEngine:
         )
         if len(rhos) != len(check_layers):
             raise ValueError(f"got {len(rhos)} rho values {rhos} for check_layers {check_layers}")
-        if any(not 0.0 <= r <= 1.0 for r in rhos) or any(
-            b > a for a, b in zip(rhos, rhos[1:], strict=False)
-        ):
+        if any(not 0.0 <= r <= 1.0 for r in rhos) or any(b > a for a, b in zip(rhos, rhos[1:])):
             raise ValueError(
                 f"rho must lie in [0, 1] and not increase over check layers, got {rhos}"
             )
@@ -169,7 +167,7 @@ class SelectiveRecomputeEngine:
         # The residual stream of tracked positions, as (pending update, residual).
         update, residual = adapter.embed(tokens[positions]), None
         rows = torch.zeros(adapter.num_layers, dtype=torch.int64)
-        checks = dict(zip(self.check_layers, self.rhos, strict=True))
+        checks = dict(zip(self.check_layers, self.rhos))
 
         for layer in range(adapter.num_layers):
             x, residual = adapter.input_norm(layer, update, residual)
