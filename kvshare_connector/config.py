@@ -56,6 +56,9 @@ class KVShareConfig:
     """Entries buffered in memory (and searched there) before one batched LanceDB add."""
 
     # --- alignment and reuse plan ---------------------------------------------------
+    planner: str = "align"
+    """``align`` (kvshare: token alignment, runs from several entries) or ``chunk256``
+    (the CacheBlend/LMCache baseline: exact ``chunk_tokens`` chunks at any position)."""
     min_run_tokens: int = 8
     """Shortest run of equal tokens worth reusing; shorter matches are recomputed."""
     min_reuse_fraction: float = 0.5
@@ -94,6 +97,11 @@ class KVShareConfig:
     check_layers: list[int] = field(default_factory=lambda: [1])
     """Layers at which fresh and reused K/V are compared."""
 
+    # --- vLLM connector ----------------------------------------------------------------
+    strict_prefix_cache: bool = False
+    """Keep approximate (edited) KV out of vLLM's exact-prefix cache: the connector then
+    requires ``--no-enable-prefix-caching`` (see docs/connector.md)."""
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -119,6 +127,8 @@ class KVShareConfig:
         _require(self.ann_index_min_rows >= 256, "ann_index_min_rows",
                  self.ann_index_min_rows, ">= 256 (IVF training needs rows)")
         _require(self.index_flush_rows >= 1, "index_flush_rows", self.index_flush_rows, ">= 1")
+        _require(self.planner in ("align", "chunk256"), "planner", self.planner,
+                 "one of align, chunk256")
         _require(self.min_run_tokens >= 1, "min_run_tokens", self.min_run_tokens, ">= 1")
         _require(0.0 <= self.min_reuse_fraction <= 1.0, "min_reuse_fraction",
                  self.min_reuse_fraction, "in [0, 1]")

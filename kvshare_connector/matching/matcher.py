@@ -16,6 +16,7 @@ import numpy as np
 
 from kvshare.config import KVShareConfig
 from kvshare.matching.align import plan_reuse
+from kvshare.matching.chunk_plan import plan_chunk_reuse
 from kvshare.matching.embedder import Embedder
 from kvshare.matching.plan import Candidate, ReusePlan
 from kvshare.storage.index import EntryIndex, IndexEntry, SearchHit, new_entry_id
@@ -51,20 +52,27 @@ class Matcher:
         top_k: int = 8,
         min_run_tokens: int = 8,
         share_public_scope: bool = True,
+        planner: str = "align",
+        chunk_tokens: int = 256,
     ) -> None:
+        if planner not in ("align", "chunk256"):
+            raise ValueError(f"planner {planner!r} is not one of align, chunk256")
         self.index = index
         self.embedder = embedder
         self.model_id = model_id
         self.top_k = top_k
         self.min_run_tokens = min_run_tokens
         self.share_public_scope = share_public_scope
+        self.planner = planner
+        self.chunk_tokens = chunk_tokens
 
     @classmethod
     def from_config(cls, config: KVShareConfig, index: EntryIndex, embedder: Embedder,
                     model_id: str) -> Matcher:
         return cls(index, embedder, model_id, top_k=config.top_k,
                    min_run_tokens=config.min_run_tokens,
-                   share_public_scope=config.share_public_scope)
+                   share_public_scope=config.share_public_scope,
+                   planner=config.planner, chunk_tokens=config.chunk_tokens)
 
     def scopes_for(self, tenant: str) -> list[str]:
         """A tenant sees its own entries and, if allowed, the public scope; never others'."""
@@ -79,11 +87,11 @@ class Matcher:
         t1 = time.perf_counter()
         hits = self.index.search(embedding, self.model_id, self.scopes_for(tenant), self.top_k)
         t2 = time.perf_counter()
-        plan = plan_reuse(
-            token_ids,
-            [Candidate(hit.entry.entry_id, hit.entry.token_ids) for hit in hits],
-            min_run_tokens=self.min_run_tokens,
-        )
+        candidates = [Candidate(hit.entry.entry_id, hit.entry.token_ids) for hit in hits]
+        if self.planner == "chunk256":
+            plan = plan_chunk_reuse(token_ids, candidates, chunk_tokens=self.chunk_tokens)
+        else:
+            plan = plan_reuse(token_ids, candidates, min_run_tokens=self.min_run_tokens)
         t3 = time.perf_counter()
         return LookupResult(plan, hits, embedding, (t1 - t0) * 1e3, (t2 - t1) * 1e3,
                             (t3 - t2) * 1e3)

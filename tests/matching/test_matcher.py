@@ -71,3 +71,15 @@ def test_lookup_reports_its_timings(matcher, tokenizer):
     assert result.plan.reused_tokens == 0 and result.hits == []
     assert min(result.embed_ms, result.search_ms, result.align_ms) >= 0.0
     assert result.total_ms == pytest.approx(result.embed_ms + result.search_ms + result.align_ms)
+
+
+def test_chunk_planner_baseline_reuses_less_than_alignment(matcher, tokenizer):
+    long_report = " ".join([REPORT] * 6)
+    matcher.insert(long_report, ids(tokenizer, long_report))
+    edited = long_report.replace("Lyon", "Turin", 1)
+    tokens = ids(tokenizer, edited)
+    aligned = matcher.lookup(edited, tokens).plan
+    matcher.planner, matcher.chunk_tokens = "chunk256", 64
+    chunked = matcher.lookup(edited, tokens).plan
+    assert 0 < chunked.reused_tokens < aligned.reused_tokens
+    assert all(run.length <= 64 * 6 for run in chunked.runs)
