@@ -1,5 +1,6 @@
 """Redis tier against a real redis-server: round trip, TTL, damage, and a server crash."""
 
+import pytest
 import redis
 from kv_samples import assert_same_chunk, make_chunks
 
@@ -10,9 +11,10 @@ def raw_client(server):
     return redis.Redis.from_url(server.url)
 
 
-def test_round_trip_one_key_per_chunk(redis_server, codec):
+@pytest.mark.parametrize("pipeline_bytes", [1, 4 << 20], ids=["pipeline-per-chunk", "one-pipeline"])
+def test_round_trip_one_key_per_chunk(redis_server, codec, pipeline_bytes):
     chunks = make_chunks(40, 16)
-    tier = RedisTier(redis_server.url, codec)
+    tier = RedisTier(redis_server.url, codec, pipeline_bytes=pipeline_bytes)
     assert tier.put(chunks) == [True] * 3
     client = raw_client(redis_server)
     assert sorted(client.keys("*")) == sorted(b"kvshare:chunk:" + c.key for c in chunks)
