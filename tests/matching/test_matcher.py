@@ -76,7 +76,8 @@ def test_lookup_reports_its_timings(matcher, tokenizer):
 def test_chunk_planner_baseline_reuses_less_than_alignment(matcher, tokenizer):
     long_report = " ".join([REPORT] * 6)
     matcher.insert(long_report, ids(tokenizer, long_report))
-    edited = long_report.replace("Lyon", "Turin", 1)
+    head, _, tail = long_report.rpartition("Lyon")  # edit the last copy: leading chunks match
+    edited = head + "Turin" + tail
     tokens = ids(tokenizer, edited)
     aligned = matcher.lookup(edited, tokens).plan
     matcher.planner, matcher.chunk_tokens = "chunk256", 64
