@@ -17,7 +17,7 @@ Disk reads are cold: every file's page-cache pages are dropped (``POSIX_FADV_DON
 before each read pass, for the baseline and the tier alike, since a disk tier that fits
 in the page cache would be a CPU tier. Throughputs count logical (uncompressed) KV bytes,
 so a tier that compresses is credited with the bytes it delivers, not the bytes it moves.
-Times are medians over ``--repeats`` passes.
+Baseline and tier passes run interleaved and the fastest of ``--repeats`` counts.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -49,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens kept per prompt; shorter prompts are skipped (default: 512)")
     parser.add_argument("--levels", default="1,3", metavar="L,L",
                         help="zstd levels to compare (default: 1,3)")
-    parser.add_argument("--repeats", type=int, default=3, metavar="R",
-                        help="timed passes per measurement; the median is reported (default: 3)")
+    parser.add_argument("--repeats", type=int, default=5, metavar="R",
+                        help="timed passes per measurement; the fastest counts (default: 5)")
     parser.add_argument("--redis-url", metavar="URL",
                         help="Redis to measure (default: start a private redis-server)")
     parser.add_argument("--disk-dir", type=Path, metavar="DIR",
@@ -95,11 +94,12 @@ def real_kv_chunks(config: KVShareConfig, prompts: int, prompt_tokens: int) -> l
 
 
 # -- timing -------------------------------------------------------------------------------
-def paired_medians(repeats: int, *passes: Callable[[], float]) -> list[float]:
-    """Median seconds of each pass, run interleaved (A B A B ...) after one warm-up round.
+def interleaved_best(repeats: int, *passes: Callable[[], float]) -> list[float]:
+    """Fastest seconds of each pass, run interleaved (A B A B ...) after one warm-up round.
 
-    Each pass times only its own work and returns the seconds. Interleaving makes a noisy
-    neighbour or a cold allocator cost the baseline and the tier alike.
+    Each pass times only its own work and returns the seconds. Interleaving exposes the
+    baseline and the tier to the same machine state; taking the fastest pass (timeit's
+    convention) discards the time other processes stole, which only ever adds.
     """
     for one_pass in passes:
         one_pass()
@@ -107,7 +107,7 @@ def paired_medians(repeats: int, *passes: Callable[[], float]) -> list[float]:
     for _ in range(repeats):
         for column, one_pass in zip(times, passes):
             column.append(one_pass())
-    return [statistics.median(column) for column in times]
+    return [min(column) for column in times]
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -147,7 +147,7 @@ def bench_codecs(chunks: list[KVChunk], levels: list[int], threads: int,
 def _bench_codec(codec: ChunkCodec, chunks: list[KVChunk], repeats: int) -> dict:
     total = sum(c.nbytes for c in chunks)
     encoded = [codec.encode(c) for c in chunks]
-    encode_s, decode_s = paired_medians(
+    encode_s, decode_s = interleaved_best(
         repeats,
         lambda: timed(lambda: [codec.encode(c) for c in chunks]),
         lambda: timed(lambda: [codec.decode(e) for e in encoded]),
@@ -164,7 +164,7 @@ def bench_cpu(chunks: list[KVChunk], repeats: int) -> dict:
     keys = [c.key for c in chunks]
     tier = MemoryTier.cpu(2 * total)
     tier.put(chunks)
-    copy_s, put_s, get_s = paired_medians(
+    copy_s, put_s, get_s = interleaved_best(
         repeats,
         lambda: timed(lambda: [torch.empty_like(c.kv).copy_(c.kv) for c in chunks]),
         lambda: timed(lambda: MemoryTier.cpu(2 * total).put(chunks)),
@@ -228,8 +228,8 @@ def bench_disk(chunks: list[KVChunk], codecs: dict[str, ChunkCodec], root: Path,
         return one_pass
 
     names = list(codecs)
-    puts = paired_medians(repeats, raw_put, *(tier_put(name) for name in names))
-    gets = paired_medians(repeats, raw_get, *(tier_get(name) for name in names))
+    puts = interleaved_best(repeats, raw_put, *(tier_put(name) for name in names))
+    gets = interleaved_best(repeats, raw_get, *(tier_get(name) for name in names))
     result: dict = {"raw_put_GBps": gbps(total, puts[0]), "raw_get_GBps": gbps(total, gets[0])}
     for name, put_s, get_s in zip(names, puts[1:], gets[1:]):
         result[name] = {"put_GBps": gbps(total, put_s), "get_GBps": gbps(total, get_s)}
@@ -264,8 +264,8 @@ def bench_redis(chunks: list[KVChunk], codecs: dict[str, ChunkCodec], url: str,
     def tier_get(tier: RedisTier) -> Callable[[], float]:
         return lambda: timed(lambda: tier.get(keys))
 
-    puts = paired_medians(repeats, raw_put, *(tier_put(t) for t in tiers.values()))
-    gets = paired_medians(repeats, raw_get, *(tier_get(t) for t in tiers.values()))
+    puts = interleaved_best(repeats, raw_put, *(tier_put(t) for t in tiers.values()))
+    gets = interleaved_best(repeats, raw_get, *(tier_get(t) for t in tiers.values()))
     result: dict = {"raw_put_GBps": gbps(total, puts[0]), "raw_get_GBps": gbps(total, gets[0])}
     for (name, tier), put_s, get_s in zip(tiers.items(), puts[1:], gets[1:]):
         stats = tier.stats()

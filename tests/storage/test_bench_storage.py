@@ -9,16 +9,17 @@ from kvshare.bench import storage as bench
 from kvshare.storage.codec import ChunkCodec
 
 
-def test_paired_medians_interleaves_passes_after_a_warm_up():
+def test_interleaved_best_runs_passes_in_turn_after_a_warm_up():
     calls: list[str] = []
+    durations = iter([0.5, 0.5, 3.0, 5.0, 1.0, 4.0, 2.0, 6.0])  # warm-up (ignored), a, b, a, b...
 
-    def make(name: str, seconds: float):
+    def make_timed(name: str):
         def one_pass() -> float:
             calls.append(name)
-            return seconds
+            return next(durations)
         return one_pass
 
-    assert bench.paired_medians(3, make("a", 1.0), make("b", 2.0)) == [1.0, 2.0]
+    assert bench.interleaved_best(3, make_timed("a"), make_timed("b")) == [1.0, 4.0]
     assert calls == ["a", "b"] * 4
 
 
@@ -41,5 +42,5 @@ def test_arguments_parse_with_their_defaults():
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     args = parser.parse_args(["--json", "out.json"])
-    assert (args.prompts, args.prompt_tokens, args.levels, args.repeats) == (3, 512, "1,3", 3)
+    assert (args.prompts, args.prompt_tokens, args.levels, args.repeats) == (3, 512, "1,3", 5)
     assert args.redis_url is None and str(args.json) == "out.json"
