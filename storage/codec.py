@@ -203,7 +203,7 @@ class ChunkCodec:
             out[:] = np.frombuffer(parts[0], dtype=np.uint8)
             return
         # Reassemble element = sum(plane[i] << 8i) in place, highest plane first (Horner):
-        # a few vectorised passes instead of a strided byte scatter (measured 4x faster).
+        # a few vectorised passes instead of a strided byte scatter (measured 2-4x faster).
         words = out.view(_UINT_BY_SIZE[planes])
         np.copyto(words, np.frombuffer(parts[-1], dtype=np.uint8), casting="unsafe")
         for part in reversed(parts[:-1]):

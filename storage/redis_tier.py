@@ -93,7 +93,7 @@ class RedisTier(Tier):
         # One GET per chunk, not a pipeline: chunks are megabytes, so a round trip is
         # noise next to the transfer, while a pipelined reply set is buffered whole in
         # Redis's output buffer and in redis-py's reader (memory grows with the batch, and
-        # pipelined GETs of 6 MB values measured 10-25% slower than single GETs).
+        # pipelined GETs of 6 MB values measured 10-20% slower than single GETs).
         found = []
         for key in keys:
             value = self._client.get(self._name(key))

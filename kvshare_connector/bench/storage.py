@@ -42,8 +42,9 @@ from kvshare.storage.codec import ChunkCodec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompts", type=int, default=3, metavar="N",
-                        help="ShareGPT prompts to run through the model (default: 3)")
+    parser.add_argument("--prompts", type=int, default=2, metavar="N",
+                        help="ShareGPT prompts to run through the model (default: 2; the "
+                             "bf16 prefill on CPU takes ~15-40 s each on 2 cores)")
     parser.add_argument("--prompt-tokens", type=int, default=512, metavar="T",
                         help="tokens kept per prompt; shorter prompts are skipped (default: 512)")
     parser.add_argument("--levels", default="1,3", metavar="L,L",

@@ -42,5 +42,5 @@ def test_arguments_parse_with_their_defaults():
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     args = parser.parse_args(["--json", "out.json"])
-    assert (args.prompts, args.prompt_tokens, args.levels, args.repeats) == (3, 512, "1,3", 5)
+    assert (args.prompts, args.prompt_tokens, args.levels, args.repeats) == (2, 512, "1,3", 5)
     assert args.redis_url is None and str(args.json) == "out.json"
