@@ -34,7 +34,13 @@ _TMP_SUFFIX = ".tmp"
 
 
 class DiskTier(Tier):
-    """Chunks as files under ``root``; ``bytes_used`` (file bytes) <= ``capacity_bytes``."""
+    """Chunks as files under ``root``; ``bytes_used`` (file bytes) <= ``capacity_bytes``.
+
+    Args:
+        root: directory of the chunk files, created if missing; one tier per directory.
+        capacity_bytes: cap on the files' total size; least recently used files go first.
+        codec: encodes the files (``build_store`` shares one codec with the Redis tier).
+    """
 
     failures = (OSError,)
 

@@ -36,7 +36,7 @@ class RedisTier(Tier):
 
     Args:
         url: ``redis://host:port/db`` or ``unix://path``.
-        codec: encodes values (shared with the disk tier so both hold the same bytes).
+        codec: encodes the values (``build_store`` shares one codec with the disk tier).
         ttl_s: expire chunks after this many seconds; 0 keeps them until evicted.
         max_connections: pool size; callers beyond it wait up to ``pool_timeout_s``.
         pipeline_bytes: a write pipeline is sent once it holds this many value bytes.
@@ -71,7 +71,7 @@ class RedisTier(Tier):
 
     def _put(self, chunks: Sequence[KVChunk]) -> list[bool]:
         """SETs in pipelines of about ``pipeline_bytes``: few round trips for small chunks,
-        and no more than that many encoded bytes held in memory at once for large ones."""
+        and for large ones no more than one pipeline's encoded values held at once."""
         replies: list = []
         pipe = self._client.pipeline(transaction=False)
         queued = 0
