@@ -17,7 +17,8 @@ Disk reads are cold: every file's page-cache pages are dropped (``POSIX_FADV_DON
 before each read pass, for the baseline and the tier alike, since a disk tier that fits
 in the page cache would be a CPU tier. Throughputs count logical (uncompressed) KV bytes,
 so a tier that compresses is credited with the bytes it delivers, not the bytes it moves.
-Baseline and tier passes run interleaved and the fastest of ``--repeats`` counts.
+Baseline and tier passes run interleaved and the fastest of ``--repeats`` counts; glibc
+is told to reuse freed memory (``steady_allocator``) so page faults do not decide copies.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ from kvshare.storage.codec import ChunkCodec
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=int, default=2, metavar="N",
-                        help="ShareGPT prompts to run through the model (default: 2; the "
-                             "bf16 prefill on CPU takes ~15-40 s each on 2 cores)")
+                        help="ShareGPT prompts to run through the model (default: 2; each "
+                             "costs one bf16 prefill on the CPU, the bulk of the run)")
     parser.add_argument("--prompt-tokens", type=int, default=512, metavar="T",
                         help="tokens kept per prompt; shorter prompts are skipped (default: 512)")
     parser.add_argument("--levels", default="1,3", metavar="L,L",
