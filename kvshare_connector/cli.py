@@ -21,6 +21,10 @@ _COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
      "lookup latency (embed + search + align) with a large index"),
     (("bench", "storage"), "kvshare.bench.storage",
      "tier and codec throughput on real SmolLM2 KV chunks"),
+    (("bench", "quality"), "kvshare.bench.quality",
+     "answer quality of kvshare vs naive reuse, CacheBlend, GPTCache, prefix caching"),
+    (("bench", "ttft"), "kvshare.bench.ttft",
+     "time to first token, vanilla vLLM vs kvshare, on long real similar prompts"),
     (("inspect",), "kvshare.inspection", "look inside the cache: index entries, tiers, plans"),
 ]
 
