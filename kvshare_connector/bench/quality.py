@@ -119,6 +119,7 @@ class Outcome:
     recompute_fraction: float
     ttft_s: float | None = None
     claimed: bool = False
+    first_logprob: float | None = None
 
 
 def score(outcomes: Sequence[Outcome], references: Sequence[Outcome]) -> dict:
@@ -129,6 +130,10 @@ def score(outcomes: Sequence[Outcome], references: Sequence[Outcome]) -> dict:
         return {key: None for key in METRIC_KEYS}
     n = len(outcomes)
     ttfts = [o.ttft_s for o in outcomes if o.ttft_s is not None]
+    # Drift of the first token's log-probability where both chose the same first token.
+    drift = [abs(o.first_logprob - r.first_logprob) for o, r in zip(outcomes, references)
+             if o.first_logprob is not None and r.first_logprob is not None
+             and o.output_ids[:1] == r.output_ids[:1]]
     return {
         "rouge_l": sum(rouge_l(o.text, r.text) for o, r in zip(outcomes, references)) / n,
         "exact_match": sum(o.output_ids == r.output_ids for o, r in zip(outcomes, references)) / n,
@@ -138,6 +143,7 @@ def score(outcomes: Sequence[Outcome], references: Sequence[Outcome]) -> dict:
         "recompute_fraction": sum(o.recompute_fraction for o in outcomes) / n,
         "claimed_fraction": sum(o.claimed for o in outcomes) / n,
         "ttft_median_s": statistics.median(ttfts) if ttfts else None,
+        "first_logprob_max_abs_diff": max(drift) if drift else None,
         "pairs": n,
     }
 
@@ -264,14 +270,15 @@ def run_systems(pairs: list[PreparedPair], systems: list[str], args) -> dict:
     vanilla: list[Req] = []
     for p in pairs:
         vanilla.append(Req(f"ref/{p.pair_id}", p.later_ids, MAX_TOKENS, salt=f"ref/{p.pair_id}"))
-        if "gptcache" in systems:
-            vanilla.append(Req(f"gptcache/{p.pair_id}", p.earlier_ids, MAX_TOKENS,
-                               salt=f"gptcache/{p.pair_id}"))
+        if "gptcache" in systems or "prefix" in systems:
+            # The earlier prompt's full answer is GPTCache's stale answer; sent under the
+            # prefix system's salt, it also fills the prefix cache for the later prompt.
+            vanilla.append(Req(f"earlier/{p.pair_id}", p.earlier_ids,
+                               MAX_TOKENS if "gptcache" in systems else 1,
+                               salt=f"prefix/{p.pair_id}"))
         if "prefix" in systems:
-            vanilla += [Req(f"prefix-earlier/{p.pair_id}", p.earlier_ids, 1,
-                            salt=f"prefix/{p.pair_id}"),
-                        Req(f"prefix/{p.pair_id}", p.later_ids, MAX_TOKENS,
-                            salt=f"prefix/{p.pair_id}")]
+            vanilla.append(Req(f"prefix/{p.pair_id}", p.later_ids, MAX_TOKENS,
+                               salt=f"prefix/{p.pair_id}"))
         if "split" in systems:
             vanilla.append(Req(f"split/{p.pair_id}", p.later_ids, MAX_TOKENS,
                                salt=f"split/{p.pair_id}",
@@ -284,12 +291,12 @@ def run_systems(pairs: list[PreparedPair], systems: list[str], args) -> dict:
         frac = (recompute_fraction(prompt_len, result.num_cached_tokens, result.kvshare)
                 if fraction is None else fraction)
         return Outcome(result.output_ids, result.text, frac, result.ttft_s,
-                       claimed=bool(result.kvshare))
+                       claimed=bool(result.kvshare), first_logprob=result.first_logprob)
 
     refs = [outcome(done[f"ref/{p.pair_id}"], len(p.later_ids)) for p in pairs]
     per_system: dict[str, list[Outcome]] = {}
     if "gptcache" in systems:
-        per_system["gptcache"] = [outcome(done[f"gptcache/{p.pair_id}"], len(p.earlier_ids), 0.0)
+        per_system["gptcache"] = [outcome(done[f"earlier/{p.pair_id}"], len(p.earlier_ids), 0.0)
                                   for p in pairs]
         for o in per_system["gptcache"]:
             o.ttft_s = None  # a response cache answers without the model
@@ -341,7 +348,10 @@ def run_systems(pairs: list[PreparedPair], systems: list[str], args) -> dict:
         "sweep": sweep,
         "outputs": {
             p.pair_id: {"kind": p.kind, "detail": p.detail, "reference": refs[i].text,
-                        **{name: outs[i].text for name, outs in per_system.items()}}
+                        "reference_first_logprob": refs[i].first_logprob,
+                        **{name: outs[i].text for name, outs in per_system.items()},
+                        **{f"{name}_first_logprob": outs[i].first_logprob
+                           for name, outs in per_system.items()}}
             for i, p in enumerate(pairs)
         },
     }

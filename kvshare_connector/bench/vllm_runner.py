@@ -78,6 +78,9 @@ class Result:
     ttft_s: float = 0.0
     """Wall time from submission to the first generated token."""
     e2e_s: float = 0.0
+    first_logprob: float | None = None
+    """Log-probability of the first generated token: shows numeric drift that greedy
+    decoding hides (same token, slightly different logits)."""
     num_cached_tokens: int = 0
     """Prompt tokens vLLM did not compute itself: its prefix-cache hit plus connector claims."""
     kvshare: dict[str, Any] | None = None
@@ -165,7 +168,7 @@ def _serve(llm, req: Req) -> Result:
     from vllm import SamplingParams
 
     engine = llm.llm_engine
-    params = SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=False,
+    params = SamplingParams(max_tokens=req.max_tokens, temperature=0.0, logprobs=0,
                             extra_args={RHO_ARG: req.rho} if req.rho is not None else None)
     prompt: dict[str, Any] = {"prompt_token_ids": list(req.token_ids)}
     if req.salt:
@@ -192,6 +195,10 @@ def _serve(llm, req: Req) -> Result:
         raise RuntimeError(f"request {req.req_id} produced no final output")
     result.output_ids = list(final.outputs[0].token_ids)
     result.text = final.outputs[0].text
+    logprobs = final.outputs[0].logprobs
+    if logprobs and result.output_ids:
+        first = logprobs[0].get(result.output_ids[0])
+        result.first_logprob = None if first is None else float(first.logprob)
     result.num_cached_tokens = int(final.num_cached_tokens or 0)
     params_out = final.kv_transfer_params or {}
     result.kvshare = params_out.get("kvshare") if isinstance(params_out, dict) else None
