@@ -1,0 +1,143 @@
+"""``KVShareConnector``: vLLM's KV connector API, delegating to one half per role.
+
+vLLM builds the connector twice: with ``role=SCHEDULER`` in the EngineCore process
+(:class:`~kvshare.connector.scheduler.KVShareScheduler`: lookups, claims, index) and
+with ``role=WORKER`` in each worker (:class:`~kvshare.connector.worker.KVShareWorker`:
+tiers, loads, recompute, saves). The halves share only the pickled per-step metadata
+(:mod:`kvshare.connector.metadata`) and the tiers' content-addressed chunk keys.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.v1.core.sched.output import SchedulerOutput
+
+from kvshare.config import ConfigError, KVShareConfig
+from kvshare.connector.metadata import KVShareConnectorMetadata, KVShareWorkerMetadata
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+
+def load_config(vllm_config: "VllmConfig") -> KVShareConfig:
+    """Defaults < YAML (``KVSHARE_CONFIG``) < ``kv_connector_extra_config`` < ``KVSHARE_*``."""
+    extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
+    return KVShareConfig.load(overrides=extra)
+
+
+def check_vllm_config(config: KVShareConfig, vllm_config: "VllmConfig") -> None:
+    """Refuse setups where kvshare would be wrong rather than slow; errors name the flag."""
+    if config.strict_prefix_cache and vllm_config.cache_config.enable_prefix_caching:
+        raise ConfigError(
+            "kvshare strict_prefix_cache=true keeps approximate KV out of vLLM's exact-prefix "
+            "cache, but vLLM runs with prefix caching enabled; start vLLM with "
+            "--no-enable-prefix-caching (LLM(enable_prefix_caching=False)) or set "
+            "strict_prefix_cache=false"
+        )
+    parallel = vllm_config.parallel_config
+    if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
+        raise ConfigError(
+            f"kvshare supports tensor_parallel_size=1 and pipeline_parallel_size=1, got "
+            f"{parallel.tensor_parallel_size} and {parallel.pipeline_parallel_size}"
+        )
+    if vllm_config.kv_transfer_config.kv_load_failure_policy != "recompute":
+        logger.warning(
+            "kvshare: kv_load_failure_policy=%r fails a request whose fill could not be "
+            "recomputed either; 'recompute' lets vLLM prefill it instead",
+            vllm_config.kv_transfer_config.kv_load_failure_policy)
+
+
+class KVShareConnector(KVConnectorBase_V1):
+    """Reuse the KV of similar earlier prompts; see docs/connector.md."""
+
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
+                 kv_cache_config: "KVCacheConfig | None" = None) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        config = load_config(vllm_config)
+        check_vllm_config(config, vllm_config)
+        model_id = vllm_config.model_config.model
+        self._scheduler = self._worker = None
+        if role == KVConnectorRole.SCHEDULER:
+            from kvshare.connector.scheduler import KVShareScheduler
+
+            self._scheduler = KVShareScheduler(config, model_id,
+                                               vllm_config.model_config.tokenizer)
+        else:
+            from kvshare.connector.worker import KVShareWorker
+
+            self._worker = KVShareWorker(config, model_id)
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        """A cache, not a hand-off: a dropped save is a future miss."""
+        return False
+
+    # ------------------------------------------------------------------ worker side
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        self._worker.start_load_kv(self._metadata())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Loads are synchronous and finish in ``start_load_kv``."""
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor,
+                      attn_metadata: "AttentionMetadata", **kwargs: Any) -> None:
+        """Saves read whole prompts from the blocks after the forward (``wait_for_save``)."""
+
+    def wait_for_save(self) -> None:
+        self._worker.wait_for_save(self._metadata())
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.get_block_ids_with_load_errors()
+
+    def build_connector_worker_meta(self) -> KVShareWorkerMetadata | None:
+        return self._worker.build_connector_worker_meta()
+
+    def _metadata(self) -> KVShareConnectorMetadata:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KVShareConnectorMetadata)
+        return meta
+
+    # ------------------------------------------------------------------ scheduler side
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int
+                                   ) -> tuple[int, bool]:
+        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens), False
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
+                                 num_external_tokens: int) -> None:
+        self._scheduler.update_state_after_alloc(request, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        return self._scheduler.build_connector_meta(scheduler_output)
+
+    def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
+        meta = connector_output.kv_connector_worker_meta
+        self._scheduler.update_connector_output(
+            meta if isinstance(meta, KVShareWorkerMetadata) else None)
+
+    def request_finished(self, request: "Request", block_ids: list[int]
+                         ) -> tuple[bool, dict[str, Any] | None]:
+        return False, self._scheduler.request_finished(request)
+
+    def shutdown(self) -> None:
+        for half in (self._scheduler, self._worker):
+            if half is not None:
+                half.shutdown()

@@ -1,0 +1,171 @@
+"""Worker-side half of the connector (runs in vLLM's worker process, owns the tiers).
+
+Load (``start_load_kv``, before the step's forward; claims are synchronous): for each
+claimed request, fetch the plan's source chunks, re-rotate keys that moved, then run
+the selective-recompute engine through :class:`VLLMDecoderAdapter`, which attends with
+vLLM's own kernel over the request's blocks and writes K/V with vLLM's own op. Tokens
+whose chunks are missing, corrupt or mismatching join the recompute set. If the
+selective path raises, the claim is recomputed in full (rho = 1: exact); if that raises
+too, the claimed blocks are reported through ``get_block_ids_with_load_errors`` and
+vLLM's ``kv_load_failure_policy`` decides (``recompute`` re-runs the prefill).
+
+Save (``wait_for_save``, after the forward of the step that completes a prompt):
+read the prompt's K/V from its blocks, cut it into content-addressed chunks, store
+them synchronously and report the keys the tiers now hold.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+
+import torch
+
+from kvshare.config import KVShareConfig
+from kvshare.connector.metadata import (
+    KVShareConnectorMetadata,
+    KVShareWorkerMetadata,
+    LoadReport,
+    LoadSpec,
+    SaveSpec,
+)
+from kvshare.connector.paged_kv import PagedKV
+from kvshare.plugin import loaded_model
+from kvshare.recompute.engine import PromptKV, SelectiveRecomputeEngine
+from kvshare.recompute.rope import rerotate_keys
+from kvshare.recompute.vllm_adapter import VLLMDecoderAdapter
+from kvshare.storage.chunk import KVLayout, split_prompt_kv
+from kvshare.storage.commit import load_entry_kv
+from kvshare.tiers_setup import build_store
+
+logger = logging.getLogger(__name__)
+
+
+class KVShareWorker:
+    """Loads and saves KV for the requests the scheduler side names each step."""
+
+    def __init__(self, config: KVShareConfig, model_id: str) -> None:
+        self.config = config
+        self.model_id = model_id
+        self.store = build_store(config)
+        self.paged: PagedKV | None = None
+        self.adapter: VLLMDecoderAdapter | None = None
+        self.layout: KVLayout | None = None
+        self._out = KVShareWorkerMetadata()
+        self._load_errors: set[int] = set()
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        model = loaded_model()
+        attn_layers = [layer.self_attn.attn for layer in model.model.layers]
+        self.paged = PagedKV(attn_layers, kv_caches)
+        self.adapter = VLLMDecoderAdapter(model, self.paged)
+        self.layout = KVLayout(self.adapter.num_layers, self.adapter.num_kv_heads,
+                               self.adapter.head_dim, self.adapter.dtype)
+
+    # ------------------------------------------------------------------ load
+    @torch.inference_mode()
+    def start_load_kv(self, meta: KVShareConnectorMetadata) -> None:
+        for spec in meta.loads:
+            started = time.perf_counter()
+            try:
+                loaded, recomputed = self._fill(spec, spec.rho)
+                fallback = False
+            except Exception:
+                logger.exception("kvshare: selective fill of %s failed; recomputing the claim",
+                                 spec.req_id)
+                try:
+                    loaded, recomputed = self._fill(spec, 1.0, load=False)
+                    fallback = True
+                except Exception:
+                    logger.exception("kvshare: full recompute of %s failed; reporting its "
+                                     "blocks as load errors", spec.req_id)
+                    self._load_errors.update(self._claimed_blocks(spec))
+                    continue
+            self._out.loads.append(LoadReport(
+                req_id=spec.req_id, claimed=spec.num_claimed, loaded=loaded,
+                recomputed=recomputed, fallback=fallback,
+                seconds=time.perf_counter() - started))
+
+    def _fill(self, spec: LoadSpec, rho: float, load: bool = True) -> tuple[int, int]:
+        """Write K/V for positions ``[num_computed, end)``; returns (loaded, recomputed)."""
+        adapter, paged = self.adapter, self.paged
+        start, end = spec.num_computed, spec.end
+        kv = PromptKV.empty(adapter, end)
+        if start:  # vLLM's exact prefix hit: DHD compares fresh K/V against these rows
+            slots = paged.slots(spec.block_ids, 0, start)
+            for layer in range(adapter.num_layers):
+                kv.keys[layer, :start], kv.values[layer, :start] = paged.read(layer, slots)
+        pending = torch.ones(end, dtype=torch.bool)
+        pending[:start] = False
+        if load:
+            self._load_runs(spec, kv, pending)
+        loaded = spec.num_claimed - int(pending.sum())
+        adapter.bind(spec.block_ids, write_from=start)
+        engine = SelectiveRecomputeEngine(adapter, rho=rho, check_layers=self.config.check_layers)
+        result = engine.prefill(spec.token_ids[:end], kv, pending.nonzero().flatten())
+        # Layers after the engine's last tracked one never ran attention: write them all.
+        slots = paged.slots(spec.block_ids, start, end)
+        for layer in range(adapter.num_layers):
+            paged.write(layer, kv.keys[layer, start:end], kv.values[layer, start:end], slots)
+        recomputed = int((result.tracked >= start).sum())
+        return loaded, recomputed
+
+    def _load_runs(self, spec: LoadSpec, kv: PromptKV, pending: torch.Tensor) -> None:
+        """Copy each run's verified source rows into ``kv``, keys moved to their new place."""
+        runs_by_entry = defaultdict(list)
+        for run in spec.runs:
+            runs_by_entry[run.entry_id].append(run)
+        inv_freq = self.adapter.rope_inv_freq
+        for entry_id, runs in runs_by_entry.items():
+            source = spec.sources[entry_id]
+            entry_kv = load_entry_kv(self.store, [bytes.fromhex(k) for k in source.chunk_keys],
+                                     source.token_ids, self.config.chunk_tokens, self.layout)
+            for run in runs:
+                src = slice(run.src_start, run.src_start + run.length)
+                dst = slice(run.dst_start, run.dst_start + run.length)
+                keys = entry_kv.kv[:, 0, src]
+                if run.dst_start != run.src_start:
+                    keys = rerotate_keys(keys, run.dst_start - run.src_start, inv_freq)
+                kv.keys[:, dst] = keys
+                kv.values[:, dst] = entry_kv.kv[:, 1, src]
+                pending[dst] &= ~entry_kv.available[src]
+
+    def _claimed_blocks(self, spec: LoadSpec) -> set[int]:
+        bs = self.paged.block_size
+        return set(spec.block_ids[spec.num_computed // bs:(spec.end - 1) // bs + 1])
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    # ------------------------------------------------------------------ save
+    @torch.inference_mode()
+    def wait_for_save(self, meta: KVShareConnectorMetadata) -> None:
+        for spec in meta.saves:
+            try:
+                self._save(spec)
+            except Exception:
+                logger.exception("kvshare: storing the prompt of %s failed", spec.req_id)
+                self._out.not_stored.add(spec.req_id)
+
+    def _save(self, spec: SaveSpec) -> None:
+        num_tokens = len(spec.token_ids)
+        slots = self.paged.slots(spec.block_ids, 0, num_tokens)
+        kv = torch.empty(self.layout.shape(num_tokens), dtype=self.layout.dtype)
+        for layer in range(self.layout.num_layers):
+            kv[layer, 0], kv[layer, 1] = self.paged.read(layer, slots)
+        chunks = split_prompt_kv(self.model_id, kv, spec.token_ids, self.config.chunk_tokens)
+        self.store.put(chunks)
+        keys = [chunk.key for chunk in chunks]
+        if all(self.store.contains(keys)):
+            self._out.stored[spec.req_id] = [key.hex() for key in keys]
+        else:
+            self._out.not_stored.add(spec.req_id)
+
+    def build_connector_worker_meta(self) -> KVShareWorkerMetadata | None:
+        out, self._out = self._out, KVShareWorkerMetadata()
+        return out if (out.stored or out.not_stored or out.loads) else None
+
+    def shutdown(self) -> None:
+        self.store.close()
