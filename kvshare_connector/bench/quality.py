@@ -47,7 +47,25 @@ MAX_TOKENS = 64
 METRIC_KEYS = ("rouge_l", "exact_match", "first_token_agree", "recompute_fraction")
 
 
+EPILOG = """\
+systems (each pair has its own cache_salt, so pairs never reuse each other):
+  kvshare     the connector, DHD selective recompute at --rho
+  naive       the connector recomputing only placeholders and boundaries
+  cacheblend  the connector, exact 256-token chunks at any position + 15% recompute
+  gptcache    the earlier prompt's answer, returned as is
+  prefix      vanilla vLLM with prefix caching (earlier prompt sent first)
+  split       vanilla vLLM prefilling the later prompt as N-1 tokens then 1: the
+              numerical noise floor (kvshare's fills look like this to vLLM)
+reference: vanilla vLLM's 64 greedy tokens for the later prompt, one-step prefill.
+Each engine runs in its own child process, one after the other (~30-120 s to start).
+
+example: kvshare bench quality --pairs 16 --rho 0.15 --sweep --json results/quality.json
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
     parser.add_argument("--pairs", type=int, default=16, metavar="N",
                         help="number of prompt pairs: half from the ShareGPT similar stream, "
                              "half paper-style edits of real prompts (default: 16, about "

@@ -24,7 +24,19 @@ from pathlib import Path
 WARMUP_REQUESTS = 2
 
 
+EPILOG = """\
+Both engines use the same settings (prefix caching on, one reserved CPU core, same token
+budget) and run one after the other, each request alone with max_tokens=1.
+hit:  kvshare reused (vLLM prefix hit + loaded KV) >= --hit-reuse of the prompt
+miss: kvshare claimed nothing (vLLM computed the prompt, maybe with its own prefix hit)
+
+example: kvshare bench ttft --requests 40 --json results/ttft.json
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
     parser.add_argument("--requests", type=int, default=40, metavar="N",
                         help="replay the first N long similar-stream prompts; 0 = all (about "
                              "200) (default: 40, about 10 min on 2 CPU cores)")
