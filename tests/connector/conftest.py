@@ -34,7 +34,7 @@ class Engine:
     """``max_num_batched_tokens``."""
 
     def run(self, token_ids: list[int], tenant: str, *, rho: float | None = None,
-            max_tokens: int = 12):
+            max_tokens: int = 8):
         """Greedy completion of ``token_ids`` in ``tenant``; one RequestOutput.
 
         At least 2 output tokens: kvshare's load report reaches the request's
