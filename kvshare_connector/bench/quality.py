@@ -258,6 +258,21 @@ def chat_ids(tokenizer, user_text: str) -> list[int]:
     return [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
 
 
+def split_filler(token: int, budget: int, prompt_tokens: int) -> list[int]:
+    """A filler prompt that makes vLLM prefill a ``prompt_tokens`` request as N-1, then 1.
+
+    The filler is queued first. vLLM's EngineCore runs in its own process and may start a
+    step before the request arrives, so the filler is two steps long: it takes the whole
+    first step (``budget`` tokens) whether or not the request is already queued, and in
+    the second it leaves exactly ``prompt_tokens - 1`` of the budget to the request; the
+    request's last token is then prefilled in the third step, alone (the filler finishes
+    with one output token).
+    """
+    if not 2 <= prompt_tokens <= budget:
+        raise ValueError(f"need 2 <= prompt_tokens <= budget, got {prompt_tokens} and {budget}")
+    return [token] * (2 * budget - (prompt_tokens - 1))
+
+
 def connector_config(system: str, rho: float, home: str, min_reuse_fraction: float) -> dict:
     """``kv_connector_extra_config`` of a connector system."""
     base = {"home": home, "min_reuse_fraction": min_reuse_fraction, "min_reuse_tokens": 1}
@@ -278,10 +293,10 @@ def run_systems(pairs: list[PreparedPair], systems: list[str], args) -> dict:
     config = KVShareConfig.load(args.config)
     model_dir = str(resolve_model_dir(config.model, config.home_dir))
     longest = max(len(p.later_ids) for p in pairs)
-    # One step holds the longest later prompt; the split filler fills the rest of a step.
+    # One step holds the longest later prompt; the split filler spans two steps.
     budget = longest + 1
     spec_kwargs = dict(model_dir=model_dir, max_num_batched_tokens=budget,
-                       max_model_len=max(2048, budget + MAX_TOKENS + 64))
+                       max_model_len=max(2048, 2 * budget + MAX_TOKENS))
     filler_token = pairs[0].earlier_ids[-2]
 
     # Vanilla engine: reference, gptcache, prefix and split in one start.
@@ -300,7 +315,7 @@ def run_systems(pairs: list[PreparedPair], systems: list[str], args) -> dict:
         if "split" in systems:
             vanilla.append(Req(f"split/{p.pair_id}", p.later_ids, MAX_TOKENS,
                                salt=f"split/{p.pair_id}",
-                               filler_ids=[filler_token] * (budget - (len(p.later_ids) - 1))))
+                               filler_ids=split_filler(filler_token, budget, len(p.later_ids))))
     print(f"quality: {len(pairs)} pairs, systems {', '.join(systems)}; vanilla engine "
           f"({len(vanilla)} requests)")
     done = {r.req_id: r for r in run_engine(EngineSpec("vanilla", **spec_kwargs), vanilla)}

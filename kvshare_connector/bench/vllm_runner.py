@@ -8,9 +8,10 @@ do not fit comfortably beside other work on a small CPU machine.
 
 Requests run one at a time (nothing else in the batch), so a request's numerics and its
 time to first token do not depend on its neighbours. A request may name a *filler*: a
-throw-away prompt submitted in the same step, sized so that vLLM's token budget
+throw-away prompt queued just before it, sized so that vLLM's token budget
 (``max_num_batched_tokens``) leaves room for exactly ``len(prompt) - 1`` of the request's
-tokens; the last prompt token is then prefilled alone in the next step. That is the
+tokens in one step (see :func:`kvshare.bench.quality.split_filler`); the last prompt
+token is then prefilled alone in the next step. That is the
 ``split`` prefill kvshare's connector produces (it fills ``N - 1`` tokens, vLLM computes
 the last), obtained from vanilla vLLM.
 

@@ -196,3 +196,14 @@ def test_cli_rejects_bad_values():
         args.config = None
         with pytest.raises(SystemExit, match=re.escape(message)):
             Q.run(args)
+
+
+def test_split_filler_leaves_n_minus_one_tokens_in_the_second_step():
+    budget, n = 800, 301
+    filler = Q.split_filler(7, budget, n)
+    assert set(filler) == {7}
+    first_step = budget                      # the filler alone (or first in the queue)
+    second_step_for_request = budget - (len(filler) - first_step)
+    assert second_step_for_request == n - 1
+    with pytest.raises(ValueError, match="need 2 <= prompt_tokens <= budget, got 900 and 800"):
+        Q.split_filler(7, 800, 900)
