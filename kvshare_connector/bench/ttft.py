@@ -4,7 +4,7 @@ Replays the long prompts (``--min-tokens`` .. ``--max-tokens`` user-text tokens)
 ShareGPT similar stream, in arrival order, as chat-template user turns, through two
 engines started one after the other with the same settings: vanilla vLLM with prefix
 caching, and vLLM with the kvshare connector (embedded default, fresh state directory).
-Each request runs alone with ``max_tokens=1``; its TTFT is the wall time from submission
+Each request runs alone with ``max_tokens=2``; its TTFT is the wall time from submission
 to the first token. A request is a *hit* when kvshare reused (vLLM prefix hit + loaded
 chunks) at least ``--hit-reuse`` of its prompt, a *miss* when kvshare claimed nothing.
 Reported: median speedup (vanilla TTFT / kvshare TTFT) over hits and median slowdown
@@ -22,11 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 WARMUP_REQUESTS = 2
+MAX_TOKENS = 2
+"""Two output tokens, not one: TTFT is taken at the first, and a request that finished in
+its load step would come back before the connector's load report reached the scheduler
+(measured: ``kv_transfer_params`` was None for every ``max_tokens=1`` claim)."""
 
 
 EPILOG = """\
 Both engines use the same settings (prefix caching on, one reserved CPU core, same token
-budget) and run one after the other, each request alone with max_tokens=1.
+budget) and run one after the other, each request alone (TTFT = time to its first token).
 hit:  kvshare reused (vLLM prefix hit + loaded KV) >= --hit-reuse of the prompt
 miss: kvshare claimed nothing (vLLM computed the prompt, maybe with its own prefix hit)
 
@@ -178,7 +182,7 @@ def measure(prompts: list[list[int]], args: argparse.Namespace) -> list[Timing]:
     # Warm-up requests (short, salted so nothing reuses them) absorb first-call costs.
     warmup = [Req(f"warmup/{i}", prompts[0][:256], 1, salt=f"warmup/{i}")
               for i in range(WARMUP_REQUESTS)]
-    requests = warmup + [Req(f"r{i}", ids, 1) for i, ids in enumerate(prompts)]
+    requests = warmup + [Req(f"r{i}", ids, MAX_TOKENS) for i, ids in enumerate(prompts)]
     print(f"ttft: {len(prompts)} prompts, {min(map(len, prompts))}..{longest} tokens; "
           "vanilla engine, then kvshare engine")
     vanilla = {r.req_id: r for r in run_engine(EngineSpec("vanilla", **spec_kwargs), requests)}
