@@ -35,13 +35,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def load_config(vllm_config: "VllmConfig") -> KVShareConfig:
+def load_config(vllm_config: VllmConfig) -> KVShareConfig:
     """Defaults < YAML (``KVSHARE_CONFIG``) < ``kv_connector_extra_config`` < ``KVSHARE_*``."""
     extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
     return KVShareConfig.load(overrides=extra)
 
 
-def check_vllm_config(config: KVShareConfig, vllm_config: "VllmConfig") -> None:
+def check_vllm_config(config: KVShareConfig, vllm_config: VllmConfig) -> None:
     """Refuse setups where kvshare would be wrong rather than slow; errors name the flag."""
     if config.strict_prefix_cache and vllm_config.cache_config.enable_prefix_caching:
         raise ConfigError(
@@ -66,8 +66,8 @@ def check_vllm_config(config: KVShareConfig, vllm_config: "VllmConfig") -> None:
 class KVShareConnector(KVConnectorBase_V1):
     """Reuse the KV of similar earlier prompts; see docs/connector.md."""
 
-    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
-                 kv_cache_config: "KVCacheConfig | None" = None) -> None:
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
+                 kv_cache_config: KVCacheConfig | None = None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         config = load_config(vllm_config)
         check_vllm_config(config, vllm_config)
@@ -92,14 +92,14 @@ class KVShareConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._worker.register_kv_caches(kv_caches)
 
-    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         self._worker.start_load_kv(self._metadata())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Loads are synchronous and finish in ``start_load_kv``."""
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor,
-                      attn_metadata: "AttentionMetadata", **kwargs: Any) -> None:
+                      attn_metadata: AttentionMetadata, **kwargs: Any) -> None:
         """Saves read whole prompts from the blocks after the forward (``wait_for_save``)."""
 
     def wait_for_save(self) -> None:
@@ -117,23 +117,23 @@ class KVShareConnector(KVConnectorBase_V1):
         return meta
 
     # ------------------------------------------------------------------ scheduler side
-    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int
                                    ) -> tuple[int, bool]:
         return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens), False
 
-    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
                                  num_external_tokens: int) -> None:
         self._scheduler.update_state_after_alloc(request, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         return self._scheduler.build_connector_meta(scheduler_output)
 
-    def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         meta = connector_output.kv_connector_worker_meta
         self._scheduler.update_connector_output(
             meta if isinstance(meta, KVShareWorkerMetadata) else None)
 
-    def request_finished(self, request: "Request", block_ids: list[int]
+    def request_finished(self, request: Request, block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:
         return False, self._scheduler.request_finished(request)
 

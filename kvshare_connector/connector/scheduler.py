@@ -47,7 +47,7 @@ RHO_ARG = "kvshare_rho"
 """``SamplingParams.extra_args`` key that overrides the config's ``rho`` per request."""
 
 
-def tenant_of(request: "Request") -> str:
+def tenant_of(request: Request) -> str:
     """vLLM's ``cache_salt`` names the tenant; unsalted requests are the public scope."""
     return request.cache_salt or PUBLIC_SCOPE
 
@@ -104,7 +104,7 @@ class KVShareScheduler:
         self._reports: dict[str, LoadReport] = {}
 
     # ------------------------------------------------------------------ claims
-    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> int:
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> int:
         """Tokens beyond vLLM's own hit that kvshare will fill; no side effect but caching."""
         prompt = request.prompt_token_ids or []
         limit = len(prompt) - 1 - num_computed_tokens
@@ -117,7 +117,7 @@ class KVShareScheduler:
         self._claims[request.request_id] = _Claim(num_computed_tokens, claim)
         return claim
 
-    def _lookup(self, request: "Request") -> LookupResult | None:
+    def _lookup(self, request: Request) -> LookupResult | None:
         req_id = request.request_id
         if req_id not in self._lookups:
             prompt = list(request.prompt_token_ids or [])
@@ -134,7 +134,7 @@ class KVShareScheduler:
             return False
         return any(run.dst_end > num_computed for run in plan.runs)
 
-    def update_state_after_alloc(self, request: "Request", num_external_tokens: int) -> None:
+    def update_state_after_alloc(self, request: Request, num_external_tokens: int) -> None:
         if num_external_tokens > 0:
             claim = self._claims[request.request_id]
             if claim.num_claimed != num_external_tokens:
@@ -174,7 +174,7 @@ class KVShareScheduler:
             prefill = self._prefills[req_id] = _Prefill(list(request.prompt_token_ids))
         prefill.block_ids = block_ids if replace else prefill.block_ids + block_ids
 
-    def _should_store(self, request: "Request") -> bool:
+    def _should_store(self, request: Request) -> bool:
         """Long enough, computed by vLLM (exact), and not already an entry of its scope."""
         prompt = request.prompt_token_ids or []
         if len(prompt) < self.config.min_store_tokens:
@@ -239,7 +239,7 @@ class KVShareScheduler:
             self._reports[report.req_id] = report
             logger.info("kvshare: %s", report)
 
-    def request_finished(self, request: "Request") -> dict[str, Any] | None:
+    def request_finished(self, request: Request) -> dict[str, Any] | None:
         """Forget the request; its load report (if the load step's output arrived) is
         returned to the user as ``kv_transfer_params["kvshare"]``."""
         req_id = request.request_id

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
-from kvshare.matching.plan import Candidate, ReusePlan, ReuseRun
 from rapidfuzz.distance import Indel
+
+from kvshare.matching.plan import Candidate, ReusePlan, ReuseRun
 
 SEED_TOKENS = 8
 """Length (tokens) of the k-grams that seed matches; capped at ``min_run_tokens``."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from kvshare.storage.keys import chunk_keys
+
 pytestmark = pytest.mark.engine
 
 SPLIT = 257

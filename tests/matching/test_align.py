@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from kvshare.matching import align
 from kvshare.matching.align import equal_runs, plan_reuse
 from kvshare.matching.plan import Candidate, ReuseRun

@@ -21,6 +21,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
+
 from kvshare.matching import align
 from kvshare.matching.align import equal_runs, plan_reuse
 from kvshare.matching.plan import Candidate
