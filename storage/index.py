@@ -96,13 +96,14 @@ def _schema(dim: int) -> pa.Schema:
 class _Partition:
     """Vector index over the entries of one (model, scope); ids are faiss int64 labels."""
 
-    def __init__(self, dim: int, ann_min_rows: int, nprobe: int) -> None:
+    def __init__(self, dim: int, ann_min_rows: int, nprobe: int, seed: int) -> None:
         import faiss
 
         self._faiss = faiss
         self.dim = dim
         self.ann_min_rows = ann_min_rows
         self.nprobe = nprobe
+        self.seed = seed
         self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self.is_ann = False
 
@@ -135,7 +136,7 @@ class _Partition:
         started = time.perf_counter()
         ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, nlist,
                                  faiss.METRIC_INNER_PRODUCT)
-        sample = vectors[np.random.default_rng(0).permutation(n)[: 64 * nlist]]
+        sample = vectors[np.random.default_rng(self.seed).permutation(n)[: 64 * nlist]]
         ivf.train(sample)
         ivf.nprobe = self.nprobe
         index = faiss.IndexIDMap2(ivf)
@@ -156,6 +157,7 @@ class EntryIndex:
         ann_min_rows: int = 20000,
         flush_rows: int = 64,
         nprobe: int = 48,
+        seed: int = 0,
     ) -> None:
         import faiss
         import lancedb
@@ -166,6 +168,8 @@ class EntryIndex:
         self.ann_min_rows = ann_min_rows
         self.flush_rows = flush_rows
         self.nprobe = nprobe
+        self.seed = seed
+        """Seeds the IVF training sample, so rebuilt indexes are reproducible."""
         self._lock = threading.RLock()
         self._entries: dict[str, IndexEntry] = {}
         self._label_of: dict[str, int] = {}
@@ -371,7 +375,7 @@ class EntryIndex:
             partition = self._partitions.get(key)
             if partition is None:
                 partition = self._partitions[key] = _Partition(
-                    self.dim, self.ann_min_rows, self.nprobe
+                    self.dim, self.ann_min_rows, self.nprobe, self.seed
                 )
             labels = np.array([self._label_of[e.entry_id] for e in group], np.int64)
             partition.add(labels, np.stack([e.embedding for e in group]))

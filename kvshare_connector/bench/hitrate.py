@@ -58,7 +58,6 @@ def run(args: argparse.Namespace) -> int:
     unknown = set(streams) - {"similar", "all"}
     if unknown:
         raise SystemExit(f"unknown stream(s) {sorted(unknown)}; choose from similar, all")
-    np.random.seed(args.seed)
     config = KVShareConfig.load(args.config)
     embedder = make_embedder(config.embedder, config.embed_max_chars)
     workload = load_workload(config, embedder, load_tokenizer(config.model))
@@ -70,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
                      else np.arange(len(workload)))
         if args.requests:
             positions = positions[: args.requests]
-        results["streams"][stream] = replay(workload, positions, config, embedder, stream)
+        results["streams"][stream] = replay(workload, positions, config, embedder, stream,
+                                             seed=args.seed)
 
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results)
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def replay(workload: Workload, positions: np.ndarray, config: KVShareConfig, embedder,
-           stream: str) -> dict:
+           stream: str, seed: int = 0) -> dict:
     """Run every policy over the stream; returns per-policy summary and per-request reuse."""
     from tqdm import tqdm
 
@@ -99,7 +99,7 @@ def replay(workload: Workload, positions: np.ndarray, config: KVShareConfig, emb
     neighbours, sims = nearest_earlier(workload.embeddings[positions], ORACLE_NEIGHBOURS)
     with tempfile.TemporaryDirectory(prefix="kvshare-hitrate-") as tmp:
         index = EntryIndex(tmp, embedder.dim, ann_min_rows=config.ann_index_min_rows,
-                           flush_rows=config.index_flush_rows)
+                           flush_rows=config.index_flush_rows, seed=seed)
         matcher = Matcher.from_config(config, index, embedder, model_id=config.model)
         kvshare = KVSharePolicy(matcher)
         policies: list[ReusePolicy] = [
