@@ -142,6 +142,7 @@ class SelectiveRecomputeEngine:
         token_ids: torch.Tensor | np.ndarray | Sequence[int],
         reused: PromptKV,
         recompute: torch.Tensor | np.ndarray | Sequence[int],
+        exact_prefix: int = 0,
     ) -> RecomputeResult:
         """Fix ``reused`` in place so it approximates the prompt's own prefill K/V.
 
@@ -151,16 +152,31 @@ class SelectiveRecomputeEngine:
                 new positions; rows in ``recompute`` may hold anything.
             recompute: positions that must be computed (the plan's placeholders,
                 span boundaries and usually the last token); any order, duplicates ok.
+            exact_prefix: positions below this already hold the prompt's own K/V (vLLM's
+                prefix-cache hit). They are attended to but never tracked or ranked:
+                recomputing them would cost time and, through other matmul shapes, move
+                the numerics of everything after them away from vLLM's own prefill.
         """
         adapter = self.adapter
         tokens = torch.as_tensor(token_ids, dtype=torch.int64, device=adapter.device)
         num_tokens = self._check_inputs(tokens, reused)
+        if not 0 <= exact_prefix < num_tokens:
+            raise ValueError(
+                f"exact_prefix must lie in [0, {num_tokens}) for a prompt of {num_tokens} "
+                f"tokens, got {exact_prefix}"
+            )
         initial = self._initial_mask(recompute, num_tokens)
-        num_reused = num_tokens - int(initial.sum())
+        if initial[:exact_prefix].any():
+            raise ValueError(
+                f"recompute positions {initial[:exact_prefix].nonzero().flatten()[:8].tolist()} "
+                f"lie inside the exact prefix of {exact_prefix} tokens"
+            )
+        num_reused = num_tokens - exact_prefix - int(initial.sum())
 
-        # Layers before the first check layer run for everyone (see "check-layer trick").
+        # Layers before the first check layer run for every position after the exact
+        # prefix (see "check-layer trick").
         positions = (
-            torch.arange(num_tokens, device=adapter.device)
+            torch.arange(exact_prefix, num_tokens, device=adapter.device)
             if self.check_layers
             else initial.nonzero().flatten()
         )

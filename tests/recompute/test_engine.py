@@ -143,3 +143,28 @@ def test_bad_inputs_are_named(tiny):
         ValueError, match=r"reused.keys is torch.float16 on cpu, expected torch.float32"
     ):
         engine.prefill(ids, half, [9])
+
+
+def test_exact_prefix_is_attended_but_never_recomputed(tiny):
+    ids = torch.randint(0, 256, (80,), generator=torch.Generator().manual_seed(11))
+    exact_kv, exact_logits = full_prefill(tiny.model, ids)
+    reused = _clone(exact_kv)
+    reused.keys[:, 32:] = 0.0  # only the prefix is given; everything after is computed
+    reused.values[:, 32:] = 0.0
+
+    result = SelectiveRecomputeEngine(tiny.adapter, rho=1.0).prefill(
+        ids, reused, range(32, 80), exact_prefix=32)
+
+    assert result.tracked.tolist() == list(range(32, 80))
+    assert result.rows_recomputed.tolist() == [48] * tiny.adapter.num_layers
+    torch.testing.assert_close(result.kv.keys, exact_kv.keys, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(result.last_logits, exact_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_recompute_inside_the_exact_prefix_is_refused(tiny):
+    ids = torch.arange(20)
+    engine = SelectiveRecomputeEngine(tiny.adapter)
+    with pytest.raises(ValueError, match=r"recompute positions \[3\] lie inside"):
+        engine.prefill(ids, PromptKV.empty(tiny.adapter, 20), [3, 19], exact_prefix=8)
+    with pytest.raises(ValueError, match="exact_prefix must lie in"):
+        engine.prefill(ids, PromptKV.empty(tiny.adapter, 20), [19], exact_prefix=20)
