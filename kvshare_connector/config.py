@@ -96,6 +96,10 @@ class KVShareConfig:
     """Share of reused tokens recomputed by deviation at the check layers."""
     check_layers: list[int] = field(default_factory=lambda: [1])
     """Layers at which fresh and reused K/V are compared."""
+    recompute_tail_tokens: int = 64
+    """The prompt's last tokens always recomputed, whatever their deviation. They hold
+    the chat template's generation prompt, which the first output token reads most; a
+    reused copy of them summarises the *earlier* prompt at every layer above the first."""
 
     # --- vLLM connector ----------------------------------------------------------------
     strict_prefix_cache: bool = False
@@ -144,6 +148,8 @@ class KVShareConfig:
         _require(self.codec_threads >= 1, "codec_threads", self.codec_threads, ">= 1")
         _require(self.gpu_bytes >= 0, "gpu_bytes", self.gpu_bytes, ">= 0")
         _require(0.0 <= self.rho <= 1.0, "rho", self.rho, "in [0, 1]")
+        _require(self.recompute_tail_tokens >= 0, "recompute_tail_tokens",
+                 self.recompute_tail_tokens, ">= 0")
         _require(all(layer >= 0 for layer in self.check_layers), "check_layers",
                  self.check_layers, "a list of layer indices >= 0")
         _require(self.redis_url == "" or self.redis_url.startswith(("redis://", "unix://")),

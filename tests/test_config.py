@@ -53,6 +53,7 @@ def test_unknown_environment_key_is_named():
         ("redis_url", "localhost:6379", "redis_url='localhost:6379'"),
         ("check_layers", [-1], "check_layers=[-1]"),
         ("min_reuse_fraction", True, "min_reuse_fraction=True"),
+        ("recompute_tail_tokens", -1, "recompute_tail_tokens=-1"),
     ],
 )
 def test_bad_values_are_named(key, value, fragment):

@@ -91,25 +91,24 @@ class KVShareWorker:
         """Write K/V for positions ``[num_computed, end)``; returns (loaded, recomputed)."""
         adapter, paged = self.adapter, self.paged
         start, end = spec.num_computed, spec.end
+        # Rows below ``start`` (vLLM's exact prefix hit) stay in the blocks, where the
+        # adapter's attention reads them; the engine never tracks them.
         kv = PromptKV.empty(adapter, end)
-        if start:  # vLLM's exact prefix hit: DHD compares fresh K/V against these rows
-            slots = paged.slots(spec.block_ids, 0, start)
-            for layer in range(adapter.num_layers):
-                kv.keys[layer, :start], kv.values[layer, :start] = paged.read(layer, slots)
         pending = torch.ones(end, dtype=torch.bool)
         pending[:start] = False
         if load:
             self._load_runs(spec, kv, pending)
         loaded = spec.num_claimed - int(pending.sum())
+        pending[max(start, end - self.config.recompute_tail_tokens):] = True
         adapter.bind(spec.block_ids, write_from=start)
         engine = SelectiveRecomputeEngine(adapter, rho=rho, check_layers=self.config.check_layers)
-        result = engine.prefill(spec.token_ids[:end], kv, pending.nonzero().flatten())
+        result = engine.prefill(spec.token_ids[:end], kv, pending.nonzero().flatten(),
+                                exact_prefix=start)
         # Layers after the engine's last tracked one never ran attention: write them all.
         slots = paged.slots(spec.block_ids, start, end)
         for layer in range(adapter.num_layers):
             paged.write(layer, kv.keys[layer, start:end], kv.values[layer, start:end], slots)
-        recomputed = int((result.tracked >= start).sum())
-        return loaded, recomputed
+        return loaded, int(result.tracked.numel())
 
     def _load_runs(self, spec: LoadSpec, kv: PromptKV, pending: torch.Tensor) -> None:
         """Copy each run's verified source rows into ``kv``, keys moved to their new place."""

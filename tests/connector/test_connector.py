@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from kvshare.config import KVShareConfig
 from kvshare.storage.keys import chunk_keys
 
 pytestmark = pytest.mark.engine
@@ -113,5 +114,20 @@ def test_prefix_caching_off_claims_everything_but_the_last_token(strict_engine, 
     first = strict_engine.run(prompt, "strict")
     again = strict_engine.run(prompt, "strict")
     assert report(again)["claimed"] == SPLIT - 1 == again.num_cached_tokens
-    assert report(again)["recomputed"] < SPLIT // 4
+    # Everything was loaded: kvshare recomputes the prompt's tail and DHD's share of the rest.
+    config = KVShareConfig()
+    tail = config.recompute_tail_tokens
+    assert report(again)["recomputed"] == tail + round(config.rho * (SPLIT - 1 - tail))
     assert again.outputs[0].token_ids[0] == first.outputs[0].token_ids[0]
+
+
+def test_rho_one_after_a_prefix_hit_reproduces_vanilla_vllm(engine, report_tokens):
+    base = report_tokens[60:60 + SPLIT]
+    engine.run(base, "exact-hit")
+    edited = base[:200] + report_tokens[520:524] + base[204:]
+    reused = engine.run(edited, "exact-hit", rho=1.0)
+    vanilla = engine.run(edited, "exact-hit-vanilla")
+    # vLLM's prefix cache supplies block 0; kvshare recomputes every claimed token.
+    assert reused.num_cached_tokens == SPLIT - 1
+    assert report(reused)["claimed"] == report(reused)["recomputed"] == SPLIT - 1 - 128
+    assert reused.outputs[0].token_ids == vanilla.outputs[0].token_ids
