@@ -14,7 +14,8 @@ import sys
 
 # (command path, module, one-line help)
 _COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
-    (("demo",), "kvshare.demo", "replay real similar prompts and show what kvshare reuses"),
+    (("demo",), "kvshare.demo",
+     "vLLM with and without kvshare on real similar prompts: reuse, TTFT, answers"),
     (("bench", "hitrate"), "kvshare.bench.hitrate",
      "reuse rate of kvshare vs prefix/chunk/response caching on real ShareGPT streams"),
     (("bench", "lookup"), "kvshare.bench.lookup",

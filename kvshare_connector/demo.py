@@ -1,73 +1,194 @@
-"""``kvshare demo``: replay real similar ShareGPT prompts and show what kvshare reuses.
+"""``kvshare demo``: vLLM with and without kvshare on a short stream of real similar prompts.
 
-Runs on the embedded default (index in ``<home>/demo``, rebuilt each run so the table
-always starts from a cold cache) and prints, per request, how many prompt tokens vLLM's
-prefix cache would reuse and how many kvshare's plan reuses, from how many earlier
-prompts, and the lookup time. Once the connector lands this also drives vLLM.
+The stream is made of real ShareGPT first user turns from the paper's *similar* stream:
+``--pairs`` pairs of (earlier prompt, its similar later prompt), replayed as
+earlier, later, earlier, later... in SmolLM2's chat template, one request at a time and
+all in one (public) scope, as production traffic would arrive. The same stream runs
+through vanilla vLLM (prefix caching on) and then through vLLM with the kvshare
+connector on the embedded default (index and tiers in a fresh directory under
+``<home>/demo``), each engine in its own child process.
+
+Per request it prints the prompt's length, the share kvshare reused (vLLM's own prefix
+hit plus KV loaded from earlier prompts), the tokens kvshare's engine recomputed, both
+TTFTs, and whether the greedy answer matches vanilla vLLM's (full compute); a summary
+table closes the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
-
-import numpy as np
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from kvshare.config import KVShareConfig
 
+MAX_NEW_TOKENS = 32
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--requests", type=int, default=40, metavar="N",
-                        help="similar-stream requests to replay (default: 40)")
+    parser.add_argument("--pairs", type=int, default=6, metavar="N",
+                        help="similar-prompt pairs to replay: 2N requests (default: 6, "
+                             "about 3 min on 2 CPU cores)")
+    parser.add_argument("--min-tokens", type=int, default=200,
+                        help="shortest prompt in user-text tokens (default: 200)")
+    parser.add_argument("--max-tokens", type=int, default=1500,
+                        help="longest prompt in user-text tokens (default: 1500)")
+    parser.add_argument("--json", type=Path, metavar="PATH",
+                        help="also write every request's row and the summary as JSON")
+
+
+@dataclass
+class DemoRow:
+    """One request of the stream on both engines."""
+
+    index: int
+    role: str
+    """``earlier`` (first of its pair) or ``later`` (similar to the one before)."""
+    prompt_tokens: int
+    reused: float
+    """Share of the prompt kvshare did not compute: vLLM's prefix hit + loaded KV."""
+    recomputed: int
+    """Claimed tokens kvshare's selective-recompute engine computed (0 without a claim)."""
+    vanilla_ttft_s: float
+    kvshare_ttft_s: float
+    same_answer: bool
+    """kvshare's greedy tokens equal vanilla vLLM's (full compute)."""
+    rouge_l: float
+    preview: str
+
+    @property
+    def speedup(self) -> float:
+        return self.vanilla_ttft_s / self.kvshare_ttft_s
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvshare.bench.policies import KVSharePolicy, PrefixCachePolicy, Request
-    from kvshare.bench.workload import load_workload
-    from kvshare.matching.embedder import make_embedder
-    from kvshare.matching.matcher import Matcher
-    from kvshare.model_assets import load_tokenizer
-    from kvshare.storage.index import EntryIndex
-
-    if args.requests < 1:
-        raise SystemExit(f"--requests must be >= 1, got {args.requests}")
+    if args.pairs < 1:
+        raise SystemExit(f"--pairs must be >= 1, got {args.pairs}")
+    if not 1 <= args.min_tokens <= args.max_tokens:
+        raise SystemExit(f"need 1 <= --min-tokens <= --max-tokens, got {args.min_tokens} "
+                         f"and {args.max_tokens}")
     config = KVShareConfig.load(args.config)
     print(f"kvshare demo: model {config.model}, embedder {config.embedder}, "
           f"home {config.home_dir}")
+    texts, prompts = demo_stream(config, args)
+    rows = replay(config, texts, prompts)
+    print_rows(rows)
+    summary = summarize(rows)
+    print()
+    print(summary_table(summary))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"summary": summary,
+                                         "requests": [asdict(r) for r in rows]}, indent=2))
+        print(f"JSON written to {args.json}")
+    return 0
+
+
+def demo_stream(config: KVShareConfig, args: argparse.Namespace
+                ) -> tuple[list[str], list[list[int]]]:
+    """Texts and chat-template token ids: earlier, later, earlier, later..."""
+    from kvshare.bench.pairs import similar_pairs
+    from kvshare.bench.quality import chat_ids
+    from kvshare.bench.workload import load_workload
+    from kvshare.matching.embedder import make_embedder
+    from kvshare.model_assets import load_tokenizer
+
     tokenizer = load_tokenizer(config.model)
-    embedder = make_embedder(config.embedder, config.embed_max_chars)
-    workload = load_workload(config, embedder, tokenizer)
-    positions = workload.similar_positions()[: args.requests]
+    workload = load_workload(config, make_embedder(config.embedder, config.embed_max_chars),
+                             tokenizer)
+    stream = workload.similar_positions()
+    pairs = similar_pairs([workload.texts[p] for p in stream],
+                          [workload.token_ids[p] for p in stream], workload.embeddings[stream],
+                          args.pairs, min_tokens=args.min_tokens, max_tokens=args.max_tokens)
+    if not pairs:
+        raise SystemExit(f"no similar pair has {args.min_tokens}..{args.max_tokens} tokens")
+    texts = [text for pair in pairs for text in (pair.earlier, pair.later)]
+    return texts, [chat_ids(tokenizer, text) for text in texts]
 
-    demo_dir = config.home_dir / "demo"
-    shutil.rmtree(demo_dir, ignore_errors=True)
-    index = EntryIndex(demo_dir, embedder.dim, ann_min_rows=config.ann_index_min_rows,
-                       flush_rows=config.index_flush_rows)
-    kvshare = KVSharePolicy(Matcher.from_config(config, index, embedder, config.model))
-    prefix = PrefixCachePolicy(16)
 
-    header = (f"{'#':>3} {'tokens':>6} {'prefix':>7} {'kvshare':>8} {'sources':>7} "
-              f"{'lookup':>8}  prompt")
+def replay(config: KVShareConfig, texts: list[str], prompts: list[list[int]]) -> list[DemoRow]:
+    """The stream through vanilla vLLM, then through vLLM + kvshare (fresh state)."""
+    from kvshare.bench.quality import rouge_l
+    from kvshare.bench.ttft import reuse_fraction
+    from kvshare.bench.vllm_runner import EngineSpec, Req, run_engine, warmup_requests
+    from kvshare.model_assets import resolve_model_dir
+
+    longest = max(map(len, prompts))
+    spec_kwargs = dict(model_dir=str(resolve_model_dir(config.model, config.home_dir)),
+                       max_num_batched_tokens=longest + 1,
+                       max_model_len=max(2048, longest + 1 + MAX_NEW_TOKENS))
+    requests = warmup_requests(prompts[0]) + [
+        Req(f"r{i}", ids, MAX_NEW_TOKENS) for i, ids in enumerate(prompts)]
+    print(f"{len(prompts)} requests ({min(map(len, prompts))}..{longest} tokens), "
+          f"{MAX_NEW_TOKENS} greedy tokens each: vanilla vLLM first, then vLLM + kvshare")
+    vanilla = {r.req_id: r for r in run_engine(EngineSpec("vanilla", **spec_kwargs), requests)}
+    home = config.home_dir / "demo"
+    shutil.rmtree(home, ignore_errors=True)  # every demo starts from a cold cache
+    connector = {**config.to_dict(), "home": str(home)}
+    shared = {r.req_id: r for r in run_engine(
+        EngineSpec("kvshare", connector=connector, **spec_kwargs), requests)}
+    rows = []
+    for i, ids in enumerate(prompts):
+        v, k = vanilla[f"r{i}"], shared[f"r{i}"]
+        rows.append(DemoRow(
+            index=i, role="earlier" if i % 2 == 0 else "later", prompt_tokens=len(ids),
+            reused=reuse_fraction(len(ids), k.num_cached_tokens, k.kvshare),
+            recomputed=int((k.kvshare or {}).get("recomputed", 0)),
+            vanilla_ttft_s=v.ttft_s, kvshare_ttft_s=k.ttft_s,
+            same_answer=k.output_ids == v.output_ids, rouge_l=rouge_l(k.text, v.text),
+            preview=" ".join(texts[i].split())[:40]))
+    return rows
+
+
+def print_rows(rows: list[DemoRow]) -> None:
+    header = (f"{'#':>2} {'role':<7} {'tokens':>6} {'reused':>6} {'recomp':>6} "
+              f"{'vanilla':>8} {'kvshare':>8} {'speedup':>7}  {'answer':<11} prompt")
     print(header)
     print("-" * len(header))
-    totals = np.zeros(3, np.int64)
-    for i, position in enumerate(positions):
-        request = Request(i, workload.texts[position], workload.token_ids[position])
-        n = len(request.token_ids)
-        by_prefix = prefix.reuse(request)
-        by_kvshare = kvshare.reuse(request)
-        sources = len(kvshare.last_result.plan.source_entries)
-        for policy in (prefix, kvshare):
-            policy.remember(request)
-        totals += (n, by_prefix, by_kvshare)
-        preview = " ".join(request.text.split())[:48]
-        print(f"{i:>3} {n:>6} {by_prefix / n:>7.0%} {by_kvshare / n:>8.0%} {sources:>7} "
-              f"{kvshare.lookup_ms[-1]:>6.1f}ms  {preview}")
-    index.close()
-    lookups = np.array(kvshare.lookup_ms)
-    print()
-    print("| requests | prompt tokens | prefix caching reuses | kvshare reuses | lookup p50 |")
-    print("|---:|---:|---:|---:|---:|")
-    print(f"| {len(positions)} | {totals[0]} | {totals[1] / totals[0]:.1%} | "
-          f"{totals[2] / totals[0]:.1%} | {np.percentile(lookups, 50):.2f} ms |")
-    return 0
+    for r in rows:
+        answer = "same" if r.same_answer else f"ROUGE {r.rouge_l:.2f}"
+        print(f"{r.index:>2} {r.role:<7} {r.prompt_tokens:>6} {r.reused:>6.0%} "
+              f"{r.recomputed:>6} {r.vanilla_ttft_s * 1000:>6.0f}ms {r.kvshare_ttft_s * 1000:>6.0f}"
+              f"ms {r.speedup:>6.2f}x  {answer:<11} {r.preview}")
+
+
+def summarize(rows: list[DemoRow]) -> dict:
+    """Medians over requests that reused KV (>= 50% of the prompt) and over the others."""
+    groups = {"reused": [r for r in rows if r.reused >= 0.5],
+              "computed": [r for r in rows if r.reused < 0.5]}
+    summary = {}
+    for name, group in groups.items():
+        summary[name] = {
+            "requests": len(group),
+            "reused_mean": statistics.fmean(r.reused for r in group) if group else None,
+            "vanilla_ttft_median_s": (statistics.median(r.vanilla_ttft_s for r in group)
+                                      if group else None),
+            "kvshare_ttft_median_s": (statistics.median(r.kvshare_ttft_s for r in group)
+                                      if group else None),
+            "speedup_median": statistics.median(r.speedup for r in group) if group else None,
+            "same_answer": sum(r.same_answer for r in group) / len(group) if group else None,
+            "rouge_l_mean": statistics.fmean(r.rouge_l for r in group) if group else None,
+        }
+    return summary
+
+
+def summary_table(summary: dict) -> str:
+    def cell(value, fmt, suffix=""):
+        return "-" if value is None else format(value, fmt) + suffix
+
+    lines = ["| requests | n | reused | vanilla TTFT p50 | kvshare TTFT p50 | speedup p50 "
+             "| same answer | ROUGE-L vs full |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    labels = {"reused": "kvshare reused >= 50%", "computed": "computed (misses)"}
+    for name, row in summary.items():
+        ms = {key: cell(row[key] and row[key] * 1000, ".0f", " ms")
+              for key in ("vanilla_ttft_median_s", "kvshare_ttft_median_s")}
+        lines.append(
+            f"| {labels[name]} | {row['requests']} | {cell(row['reused_mean'], '.0%')} | "
+            f"{ms['vanilla_ttft_median_s']} | {ms['kvshare_ttft_median_s']} | "
+            f"{cell(row['speedup_median'], '.2f', 'x')} | {cell(row['same_answer'], '.0%')} | "
+            f"{cell(row['rouge_l_mean'], '.3f')} |")
+    return "\n".join(lines)

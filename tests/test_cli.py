@@ -20,7 +20,7 @@ PROMPT = "Translate the following invoice into French and keep the totals unchan
         (["bench", "hitrate", "--help"], "--requests"),
         (["bench", "lookup", "--help"], "--entries"),
         (["inspect", "--help"], "plan"),
-        (["demo", "--help"], "--requests"),
+        (["demo", "--help"], "--pairs"),
     ],
 )
 def test_every_command_has_help(argv, expected, capsys):

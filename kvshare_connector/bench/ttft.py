@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-WARMUP_REQUESTS = 2
 MAX_TOKENS = 2
 """Two output tokens, not one: TTFT is taken at the first, and a request that finished in
 its load step would come back before the connector's load report reached the scheduler
@@ -171,7 +170,13 @@ def long_prompts(args: argparse.Namespace) -> list[list[int]]:
 
 
 def measure(prompts: list[list[int]], args: argparse.Namespace) -> list[Timing]:
-    from kvshare.bench.vllm_runner import EngineSpec, EngineUnavailable, Req, run_engine
+    from kvshare.bench.vllm_runner import (
+        EngineSpec,
+        EngineUnavailable,
+        Req,
+        run_engine,
+        warmup_requests,
+    )
     from kvshare.config import KVShareConfig
     from kvshare.model_assets import resolve_model_dir
 
@@ -179,10 +184,8 @@ def measure(prompts: list[list[int]], args: argparse.Namespace) -> list[Timing]:
     longest = max(len(p) for p in prompts)
     spec_kwargs = dict(model_dir=str(resolve_model_dir(config.model, config.home_dir)),
                        max_num_batched_tokens=longest, max_model_len=max(2048, longest + 64))
-    # Warm-up requests (short, salted so nothing reuses them) absorb first-call costs.
-    warmup = [Req(f"warmup/{i}", prompts[0][:256], 1, salt=f"warmup/{i}")
-              for i in range(WARMUP_REQUESTS)]
-    requests = warmup + [Req(f"r{i}", ids, MAX_TOKENS) for i, ids in enumerate(prompts)]
+    requests = warmup_requests(prompts[0]) + [
+        Req(f"r{i}", ids, MAX_TOKENS) for i, ids in enumerate(prompts)]
     print(f"ttft: {len(prompts)} prompts, {min(map(len, prompts))}..{longest} tokens; "
           "vanilla engine, then kvshare engine")
     vanilla = {r.req_id: r for r in run_engine(EngineSpec("vanilla", **spec_kwargs), requests)}

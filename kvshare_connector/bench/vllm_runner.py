@@ -89,6 +89,13 @@ class Result:
     recomputed, fallback, seconds; None when nothing was claimed."""
 
 
+def warmup_requests(token_ids: list[int], count: int = 2) -> list[Req]:
+    """Short requests, each in its own scope so nothing reuses them, that absorb an
+    engine's first-call costs before timed requests run."""
+    return [Req(f"warmup/{i}", list(token_ids[:256]), 1, salt=f"warmup/{i}")
+            for i in range(count)]
+
+
 def vllm_env() -> dict[str, str]:
     """Environment for every engine: one reserved core with or without a connector, so
     vanilla and connector engines compute with the same thread count."""
