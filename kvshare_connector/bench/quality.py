@@ -367,12 +367,16 @@ def run_systems(pairs: list[PreparedPair], systems: list[str], args) -> dict:
                 sweep[f"{rho:g}"] = {"rho": rho, **score(outs, refs)}
                 per_system[f"kvshare@rho={rho:g}"] = outs
                 if "split" in per_system:  # same prefill split: rho = 1 must match exactly
-                    sweep[f"{rho:g}"]["exact_match_vs_split"] = score(
-                        outs, per_system["split"])["exact_match"]
+                    vs_split = score(outs, per_system["split"])
+                    sweep[f"{rho:g}"].update(exact_match_vs_split=vs_split["exact_match"],
+                                             rouge_l_vs_split=vs_split["rouge_l"])
 
     for name in systems:
         if name in per_system:
             rows[name] = {**score(per_system[name], refs), "available": True}
+            if "split" in per_system:  # kvshare's own error, without vLLM's split noise
+                rows[name]["rouge_l_vs_split"] = score(per_system[name],
+                                                       per_system["split"])["rouge_l"]
     ref_ttft = [r.ttft_s for r in refs]
     return {
         "pairs": len(pairs),
@@ -401,34 +405,39 @@ def markdown_table(results: dict) -> str:
         f"### Quality vs full compute: {results['pairs']} pairs "
         f"({kinds.get('similar', 0)} similar-stream, {kinds.get('edit', 0)} edits), "
         f"{results['max_new_tokens']} greedy tokens, kvshare rho={results['rho']:g}\n",
-        "| system | ROUGE-L | exact match | first token | recomputed | TTFT p50 | claimed |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| system | ROUGE-L | exact match | first token | recomputed | TTFT p50 | claimed "
+        "| ROUGE-L vs split |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in results["systems"].items():
         if not row.get("available", True):
-            lines.append(f"| {name} | - | - | - | - | - | {row['error']} |")
+            lines.append(f"| {name} | - | - | - | - | - | {row['error']} | - |")
             continue
         ttft = f"{row['ttft_median_s'] * 1000:.0f} ms" if row.get("ttft_median_s") else "-"
         claimed = f"{row['claimed_fraction']:.0%}" if name in CONNECTOR_SYSTEMS else ""
         lines.append(f"| {name} | {_bar(row['rouge_l'])} | {row['exact_match']:.0%} | "
                      f"{row['first_token_agree']:.0%} | {row['recompute_fraction']:.1%} | "
-                     f"{ttft} | {claimed} |")
+                     f"{ttft} | {claimed} | {_fmt(row.get('rouge_l_vs_split'), '.3f')} |")
     lines.append(f"\nreference (vanilla, one-step prefill) TTFT p50: "
                  f"{results['reference_ttft_median_s'] * 1000:.0f} ms")
     if results.get("sweep"):
         lines += ["",
                   "| kvshare rho | ROUGE-L | exact match | first token | recomputed | TTFT p50 "
-                  "| = split |",
-                  "|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| = split | ROUGE-L vs split |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row in sorted(results["sweep"].values(), key=lambda r: r["rho"]):
-            vs_split = row.get("exact_match_vs_split")
             lines.append(f"| {row['rho']:g} | {_bar(row['rouge_l'])} | {row['exact_match']:.0%} | "
                          f"{row['first_token_agree']:.0%} | {row['recompute_fraction']:.1%} | "
                          f"{row['ttft_median_s'] * 1000:.0f} ms | "
-                         f"{'-' if vs_split is None else format(vs_split, '.0%')} |")
+                         f"{_fmt(row.get('exact_match_vs_split'), '.0%')} | "
+                         f"{_fmt(row.get('rouge_l_vs_split'), '.3f')} |")
         lines.append("\n= split: share of pairs whose 64 tokens equal vanilla vLLM's under the "
                      "same N-1/1 prefill split (rho = 1 must be 100%)")
     return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _bar(value: float, width: int = 10) -> str:

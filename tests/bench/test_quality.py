@@ -166,9 +166,11 @@ def _results():
     return {
         "pairs": 2, "pair_kinds": {"similar": 1, "edit": 1}, "rho": 0.15, "seed": 0,
         "max_new_tokens": 64, "reference_ttft_median_s": 0.4,
-        "systems": {"kvshare": row, "naive": Q.unavailable("naive", "connector not available: x"),
+        "systems": {"kvshare": {**row, "rouge_l_vs_split": 0.95},
+                    "naive": Q.unavailable("naive", "connector not available: x"),
                     "split": {**row, "recompute_fraction": 1.0}},
-        "sweep": {"0.15": {"rho": 0.15, **row}},
+        "sweep": {"0.15": {"rho": 0.15, **row, "exact_match_vs_split": 0.5,
+                           "rouge_l_vs_split": 0.95}},
     }
 
 
@@ -179,9 +181,10 @@ def test_json_shape_and_markdown_table(tmp_path):
         assert set(Q.METRIC_KEYS) <= set(row), name
     assert data["systems"]["naive"]["rouge_l"] is None
     table = Q.markdown_table(results)
-    assert "| kvshare | 0.900 █████████░ | 50% | 100% | 20.0% | 100 ms | 100% |" in table
+    assert "| kvshare | 0.900 █████████░ | 50% | 100% | 20.0% | 100 ms | 100% | 0.950 |" in table
+    assert "| split | 0.900 █████████░ | 50% | 100% | 100.0% | 100 ms |  | - |" in table
     assert "connector not available: x" in table
-    assert "| 0.15 | 0.900" in table
+    assert "| 0.15 | 0.900 █████████░ | 50% | 100% | 20.0% | 100 ms | 50% | 0.950 |" in table
     Q.plot_sweep(results, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").stat().st_size > 1000
 
