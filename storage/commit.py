@@ -77,21 +77,27 @@ class LoadedKV:
 
 def load_entry_kv(store: TieredStore, keys: Sequence[ChunkKey],
                   token_ids: Sequence[int] | np.ndarray, chunk_tokens: int, layout: KVLayout,
-                  device: str | torch.device = "cpu") -> LoadedKV:
+                  device: str | torch.device = "cpu",
+                  chunks: Sequence[int] | None = None) -> LoadedKV:
     """Fetch an entry's chunks and assemble its KV with an availability mask.
 
     ``keys`` are the entry's chunk keys for ``token_ids`` cut every ``chunk_tokens``
     tokens. A fetched chunk is used only if its tokens, start position and layout are
-    the expected ones (the hash is not trusted alone).
+    the expected ones (the hash is not trusted alone). ``chunks`` names the chunk
+    indices to fetch (default: all); the tokens of the others stay unavailable.
     """
     ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
     spans = chunk_spans(len(ids), chunk_tokens)
     if len(keys) != len(spans):
         raise ValueError(f"{len(keys)} chunk keys for {len(ids)} tokens in chunks of "
                          f"{chunk_tokens}; expected {len(spans)} keys")
+    wanted = range(len(spans)) if chunks is None else sorted(set(chunks))
+    if wanted and not 0 <= wanted[0] <= wanted[-1] < len(spans):
+        raise ValueError(f"chunk indices {list(wanted)} out of range for {len(spans)} chunks")
     kv = torch.zeros(layout.shape(len(ids)), dtype=layout.dtype, device=device)
     available = torch.zeros(len(ids), dtype=torch.bool, device=device)
-    for (start, end), chunk in zip(spans, store.get(keys)):
+    fetched = store.get([keys[i] for i in wanted])
+    for (start, end), chunk in zip((spans[i] for i in wanted), fetched):
         if chunk is None:
             continue
         header = chunk.header

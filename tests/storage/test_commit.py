@@ -81,6 +81,21 @@ def test_load_returns_everything_when_all_chunks_are_held(tmp_path, codec):
     assert torch.equal(loaded.kv, kv)
 
 
+def test_load_fetches_only_the_chunks_asked_for(tmp_path, codec):
+    disk = DiskTier(tmp_path, 1 << 20, codec)
+    store = TieredStore([disk])
+    entry, chunks, kv = prompt("a", list(range(40)), 0)  # chunks: 0-16, 16-32, 32-40
+    commit_entries(store, ListIndex(), [(entry, chunks)])
+    reads_before = disk.stats().hits
+    loaded = load_entry_kv(store, entry.keys, entry.token_ids, 16, SMALL, chunks=[2, 0])
+    assert disk.stats().hits - reads_before == 2
+    assert loaded.available.tolist() == [True] * 16 + [False] * 16 + [True] * 8
+    assert torch.equal(loaded.kv[:, :, 32:], kv[:, :, 32:])
+    assert not loaded.kv[:, :, 16:32].any()
+    with pytest.raises(ValueError, match=r"chunk indices \[0, 3\] out of range for 3 chunks"):
+        load_entry_kv(store, entry.keys, entry.token_ids, 16, SMALL, chunks=[3, 0])
+
+
 def test_lost_or_corrupt_chunks_become_tokens_to_recompute(tmp_path, codec, redis_server):
     disk = DiskTier(tmp_path, 1 << 20, codec)
     redis_tier = RedisTier(redis_server.url, codec)
