@@ -70,6 +70,12 @@ class Timing:
     """Share of the prompt kvshare did not compute: vLLM prefix hit + loaded tokens."""
     claimed: bool
     vanilla_prefix_hit: int = 0
+    fill_s: float = 0.0
+    """kvshare worker's fill time (load + re-rotation + selective recompute + writes)."""
+    load_s: float = 0.0
+    """The part of ``fill_s`` spent fetching chunks and re-rotating keys."""
+    recomputed: int = 0
+    sources: int = 0
 
 
 def reuse_fraction(prompt_tokens: int, num_cached_tokens: int, report: dict | None) -> float:
@@ -86,6 +92,15 @@ def reuse_fraction(prompt_tokens: int, num_cached_tokens: int, report: dict | No
     if report:
         reused += int(report.get("loaded", 0)) - int(report.get("claimed", 0))
     return max(0.0, min(1.0, reused / prompt_tokens))
+
+
+def fill_details(report: dict | None) -> dict:
+    """The ``Timing`` fields taken from the connector's load report (zeros without a claim)."""
+    report = report or {}
+    return {"fill_s": float(report.get("seconds", 0.0)),
+            "load_s": float(report.get("load_seconds", 0.0)),
+            "recomputed": int(report.get("recomputed", 0)),
+            "sources": int(report.get("sources", 0))}
 
 
 def summarize(timings: list[Timing], hit_reuse: float) -> dict:
@@ -107,6 +122,8 @@ def summarize(timings: list[Timing], hit_reuse: float) -> dict:
         "vanilla_ttft_median_s": median([t.vanilla_s for t in timings]),
         "kvshare_ttft_median_hits_s": median([t.kvshare_s for t in hits]),
         "vanilla_ttft_median_hits_s": median([t.vanilla_s for t in hits]),
+        "kvshare_fill_median_hits_s": median([t.fill_s for t in hits]),
+        "kvshare_load_median_hits_s": median([t.load_s for t in hits]),
         "hit_reuse": hit_reuse,
         "requests": len(timings),
         "mean_prompt_tokens": (sum(t.prompt_tokens for t in timings) / len(timings)
@@ -201,7 +218,8 @@ def measure(prompts: list[list[int]], args: argparse.Namespace) -> list[Timing]:
         v, k = vanilla[f"r{i}"], shared[f"r{i}"]
         timings.append(Timing(f"r{i}", len(ids), v.ttft_s, k.ttft_s,
                               reuse_fraction(len(ids), k.num_cached_tokens, k.kvshare),
-                              claimed=bool(k.kvshare), vanilla_prefix_hit=v.num_cached_tokens))
+                              claimed=bool(k.kvshare), vanilla_prefix_hit=v.num_cached_tokens,
+                              **fill_details(k.kvshare)))
     return timings
 
 
@@ -223,5 +241,9 @@ def markdown_table(summary: dict) -> str:
         f"{fmt(summary['speedup_median_partial'])} faster |",
         f"| misses (nothing claimed) | {summary['n_misses']} | | | "
         f"{fmt(summary['slowdown_median_misses'])} slower |",
+        "",
+        f"kvshare's fill on hits, median: {fmt(summary['kvshare_fill_median_hits_s'], 's')} "
+        f"(of which loading chunks and re-rotating keys "
+        f"{fmt(summary['kvshare_load_median_hits_s'], 's')})",
         "",
     ])

@@ -92,6 +92,10 @@ class LoadReport:
     """True when the selective path failed and the claim was fully recomputed."""
     seconds: float
     """Wall time of the worker's load + re-rotation + selective recompute + writes."""
+    load_seconds: float = 0.0
+    """The part of ``seconds`` spent fetching source chunks and re-rotating their keys."""
+    sources: int = 0
+    """Source entries the plan's runs copy KV from."""
 
     def as_dict(self) -> dict[str, float | int | bool]:
         return {name: value for name, value in vars(self).items() if name != "req_id"}

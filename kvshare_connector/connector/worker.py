@@ -69,13 +69,13 @@ class KVShareWorker:
         for spec in meta.loads:
             started = time.perf_counter()
             try:
-                loaded, recomputed = self._fill(spec, spec.rho)
+                loaded, recomputed, load_seconds = self._fill(spec, spec.rho)
                 fallback = False
             except Exception:
                 logger.exception("kvshare: selective fill of %s failed; recomputing the claim",
                                  spec.req_id)
                 try:
-                    loaded, recomputed = self._fill(spec, 1.0, load=False)
+                    loaded, recomputed, load_seconds = self._fill(spec, 1.0, load=False)
                     fallback = True
                 except Exception:
                     logger.exception("kvshare: full recompute of %s failed; reporting its "
@@ -85,10 +85,14 @@ class KVShareWorker:
             self._out.loads.append(LoadReport(
                 req_id=spec.req_id, claimed=spec.num_claimed, loaded=loaded,
                 recomputed=recomputed, fallback=fallback,
-                seconds=time.perf_counter() - started))
+                seconds=time.perf_counter() - started, load_seconds=load_seconds,
+                sources=len(spec.sources)))
 
-    def _fill(self, spec: LoadSpec, rho: float, load: bool = True) -> tuple[int, int]:
-        """Write K/V for positions ``[num_computed, end)``; returns (loaded, recomputed)."""
+    def _fill(self, spec: LoadSpec, rho: float, load: bool = True) -> tuple[int, int, float]:
+        """Write K/V for positions ``[num_computed, end)``.
+
+        Returns the claimed tokens loaded, the tokens recomputed, and the seconds spent
+        loading (fetch + re-rotation)."""
         adapter, paged = self.adapter, self.paged
         start, end = spec.num_computed, spec.end
         # Rows below ``start`` (vLLM's exact prefix hit) stay in the blocks, where the
@@ -96,8 +100,10 @@ class KVShareWorker:
         kv = PromptKV.empty(adapter, end)
         pending = torch.ones(end, dtype=torch.bool)
         pending[:start] = False
+        load_started = time.perf_counter()
         if load:
             self._load_runs(spec, kv, pending)
+        load_seconds = time.perf_counter() - load_started
         loaded = spec.num_claimed - int(pending.sum())
         pending[max(start, end - self.config.recompute_tail_tokens):] = True
         adapter.bind(spec.block_ids, write_from=start)
@@ -108,7 +114,7 @@ class KVShareWorker:
         slots = paged.slots(spec.block_ids, start, end)
         for layer in range(adapter.num_layers):
             paged.write(layer, kv.keys[layer, start:end], kv.values[layer, start:end], slots)
-        return loaded, int(result.tracked.numel())
+        return loaded, int(result.tracked.numel()), load_seconds
 
     def _load_runs(self, spec: LoadSpec, kv: PromptKV, pending: torch.Tensor) -> None:
         """Copy each run's verified source rows into ``kv``, keys moved to their new place."""
@@ -116,10 +122,14 @@ class KVShareWorker:
         for run in spec.runs:
             runs_by_entry[run.entry_id].append(run)
         inv_freq = self.adapter.rope_inv_freq
+        ct = self.config.chunk_tokens
         for entry_id, runs in runs_by_entry.items():
             source = spec.sources[entry_id]
+            touched = {i for run in runs  # only the chunks the runs copy from
+                       for i in range(run.src_start // ct,
+                                      (run.src_start + run.length - 1) // ct + 1)}
             entry_kv = load_entry_kv(self.store, [bytes.fromhex(k) for k in source.chunk_keys],
-                                     source.token_ids, self.config.chunk_tokens, self.layout)
+                                     source.token_ids, ct, self.layout, chunks=touched)
             for run in runs:
                 src = slice(run.src_start, run.src_start + run.length)
                 dst = slice(run.dst_start, run.dst_start + run.length)
