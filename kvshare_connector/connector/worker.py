@@ -109,7 +109,7 @@ class KVShareWorker:
         adapter.bind(spec.block_ids, write_from=start)
         engine = SelectiveRecomputeEngine(adapter, rho=rho, check_layers=self.config.check_layers)
         result = engine.prefill(spec.token_ids[:end], kv, pending.nonzero().flatten(),
-                                exact_prefix=start)
+                                exact_prefix=start, logits=False)
         # Layers after the engine's last tracked one never ran attention: write them all.
         slots = paged.slots(spec.block_ids, start, end)
         for layer in range(adapter.num_layers):

@@ -143,6 +143,7 @@ class SelectiveRecomputeEngine:
         reused: PromptKV,
         recompute: torch.Tensor | np.ndarray | Sequence[int],
         exact_prefix: int = 0,
+        logits: bool = True,
     ) -> RecomputeResult:
         """Fix ``reused`` in place so it approximates the prompt's own prefill K/V.
 
@@ -156,6 +157,9 @@ class SelectiveRecomputeEngine:
                 prefix-cache hit). They are attended to but never tracked or ranked:
                 recomputing them would cost time and, through other matmul shapes, move
                 the numerics of everything after them away from vLLM's own prefill.
+            logits: compute the next-token logits after the last position. Without them
+                the last layer stops once its K/V rows are written: its attention and MLP
+                feed nothing but the logits (vLLM computes the last prompt token itself).
         """
         adapter = self.adapter
         tokens = torch.as_tensor(token_ids, dtype=torch.int64, device=adapter.device)
@@ -201,11 +205,14 @@ class SelectiveRecomputeEngine:
                 positions, residual, q = positions[keep], residual[keep], q[keep]
             if positions.numel() == 0:
                 break  # nothing tracked: every remaining row stays reused
+            if layer == adapter.num_layers - 1 and not logits:
+                break  # the last layer's K/V are written; its output would only feed logits
             attn = adapter.attention(layer, q, positions, reused.keys[layer], reused.values[layer])
             x, residual = adapter.post_attention_norm(layer, adapter.o_proj(layer, attn), residual)
             update = adapter.mlp(layer, x)
 
-        last_tracked = positions.numel() > 0 and int(positions[-1]) == num_tokens - 1
+        last_tracked = (logits and positions.numel() > 0
+                        and int(positions[-1]) == num_tokens - 1)
         return RecomputeResult(
             kv=reused,
             tracked=positions,

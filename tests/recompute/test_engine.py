@@ -168,3 +168,15 @@ def test_recompute_inside_the_exact_prefix_is_refused(tiny):
         engine.prefill(ids, PromptKV.empty(tiny.adapter, 20), [3, 19], exact_prefix=8)
     with pytest.raises(ValueError, match="exact_prefix must lie in"):
         engine.prefill(ids, PromptKV.empty(tiny.adapter, 20), [19], exact_prefix=20)
+
+
+def test_without_logits_the_kv_is_the_same(tiny):
+    ids = torch.randint(0, 256, (50,), generator=torch.Generator().manual_seed(12))
+    exact_kv, _ = full_prefill(tiny.model, ids)
+    engine = SelectiveRecomputeEngine(tiny.adapter, rho=0.2)
+    with_logits = engine.prefill(ids, _corrupted(exact_kv, torch.tensor([4, 30])), [10, 49])
+    without = engine.prefill(ids, _corrupted(exact_kv, torch.tensor([4, 30])), [10, 49],
+                             logits=False)
+    assert without.last_logits is None and with_logits.last_logits is not None
+    assert torch.equal(without.kv.keys, with_logits.kv.keys)
+    assert torch.equal(without.kv.values, with_logits.kv.values)
