@@ -75,16 +75,16 @@ class LoadedKV:
         return int(self.available.sum())
 
 
-def load_entry_kv(store: TieredStore, keys: Sequence[ChunkKey],
-                  token_ids: Sequence[int] | np.ndarray, chunk_tokens: int, layout: KVLayout,
-                  device: str | torch.device = "cpu",
-                  chunks: Sequence[int] | None = None) -> LoadedKV:
-    """Fetch an entry's chunks and assemble its KV with an availability mask.
+def fetch_entry_chunks(store: TieredStore, keys: Sequence[ChunkKey],
+                       token_ids: Sequence[int] | np.ndarray, chunk_tokens: int,
+                       layout: KVLayout, chunks: Sequence[int] | None = None
+                       ) -> dict[int, KVChunk]:
+    """Fetch an entry's chunks and keep the ones that verify: chunk index -> chunk.
 
     ``keys`` are the entry's chunk keys for ``token_ids`` cut every ``chunk_tokens``
-    tokens. A fetched chunk is used only if its tokens, start position and layout are
-    the expected ones (the hash is not trusted alone). ``chunks`` names the chunk
-    indices to fetch (default: all); the tokens of the others stay unavailable.
+    tokens; ``chunks`` names the chunk indices to fetch (default: all). A fetched chunk
+    is kept only if its tokens, start position and layout are the expected ones (the
+    hash is not trusted alone). Chunk ``i`` covers tokens ``[i * chunk_tokens, ...)``.
     """
     ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
     spans = chunk_spans(len(ids), chunk_tokens)
@@ -94,18 +94,35 @@ def load_entry_kv(store: TieredStore, keys: Sequence[ChunkKey],
     wanted = range(len(spans)) if chunks is None else sorted(set(chunks))
     if wanted and not 0 <= wanted[0] <= wanted[-1] < len(spans):
         raise ValueError(f"chunk indices {list(wanted)} out of range for {len(spans)} chunks")
-    kv = torch.zeros(layout.shape(len(ids)), dtype=layout.dtype, device=device)
-    available = torch.zeros(len(ids), dtype=torch.bool, device=device)
-    fetched = store.get([keys[i] for i in wanted])
-    for (start, end), chunk in zip((spans[i] for i in wanted), fetched):
+    verified: dict[int, KVChunk] = {}
+    for index, chunk in zip(wanted, store.get([keys[i] for i in wanted])):
         if chunk is None:
             continue
+        start, end = spans[index]
         header = chunk.header
         if (header.layout != layout or header.start_pos != start
                 or header.token_ids != tuple(ids[start:end].tolist())):
             logger.warning("kvshare: chunk %s does not match its entry (tokens %d..%d); "
                            "recomputing them", header.key.hex(), start, end)
             continue
+        verified[index] = chunk
+    return verified
+
+
+def load_entry_kv(store: TieredStore, keys: Sequence[ChunkKey],
+                  token_ids: Sequence[int] | np.ndarray, chunk_tokens: int, layout: KVLayout,
+                  device: str | torch.device = "cpu",
+                  chunks: Sequence[int] | None = None) -> LoadedKV:
+    """An entry's KV assembled from its verified chunks (:func:`fetch_entry_chunks`),
+    with an availability mask; the tokens of chunks not fetched or not held stay
+    unavailable."""
+    num_tokens = len(token_ids)
+    kv = torch.zeros(layout.shape(num_tokens), dtype=layout.dtype, device=device)
+    available = torch.zeros(num_tokens, dtype=torch.bool, device=device)
+    for index, chunk in fetch_entry_chunks(store, keys, token_ids, chunk_tokens, layout,
+                                           chunks).items():
+        start = index * chunk_tokens
+        end = start + chunk.kv.shape[2]
         kv[:, :, start:end].copy_(chunk.kv)
         available[start:end] = True
     return LoadedKV(kv=kv, available=available)

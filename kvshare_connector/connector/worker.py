@@ -36,7 +36,7 @@ from kvshare.recompute.engine import PromptKV, SelectiveRecomputeEngine
 from kvshare.recompute.rope import rerotate_keys
 from kvshare.recompute.vllm_adapter import VLLMDecoderAdapter
 from kvshare.storage.chunk import KVLayout, split_prompt_kv
-from kvshare.storage.commit import load_entry_kv
+from kvshare.storage.commit import fetch_entry_chunks
 from kvshare.tiers_setup import build_store
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,12 @@ class KVShareWorker:
         return loaded, int(result.tracked.numel()), load_seconds
 
     def _load_runs(self, spec: LoadSpec, kv: PromptKV, pending: torch.Tensor) -> None:
-        """Copy each run's verified source rows into ``kv``, keys moved to their new place."""
+        """Copy each run's verified source rows into ``kv``, keys moved to their new place.
+
+        Rows go from each chunk straight to their destination, a chunk's part at a time:
+        assembling whole source entries first meant allocations above glibc's mmap
+        threshold (32 MiB), whose page faults cost more than the copies themselves.
+        """
         runs_by_entry = defaultdict(list)
         for run in spec.runs:
             runs_by_entry[run.entry_id].append(run)
@@ -125,20 +130,26 @@ class KVShareWorker:
         ct = self.config.chunk_tokens
         for entry_id, runs in runs_by_entry.items():
             source = spec.sources[entry_id]
-            touched = {i for run in runs  # only the chunks the runs copy from
-                       for i in range(run.src_start // ct,
-                                      (run.src_start + run.length - 1) // ct + 1)}
-            entry_kv = load_entry_kv(self.store, [bytes.fromhex(k) for k in source.chunk_keys],
-                                     source.token_ids, ct, self.layout, chunks=touched)
-            for run in runs:
-                src = slice(run.src_start, run.src_start + run.length)
-                dst = slice(run.dst_start, run.dst_start + run.length)
-                keys = entry_kv.kv[:, 0, src]
-                if run.dst_start != run.src_start:
-                    keys = rerotate_keys(keys, run.dst_start - run.src_start, inv_freq)
-                kv.keys[:, dst] = keys
-                kv.values[:, dst] = entry_kv.kv[:, 1, src]
-                pending[dst] &= ~entry_kv.available[src]
+            touched_by = [(run, range(run.src_start // ct,
+                                      (run.src_start + run.length - 1) // ct + 1))
+                          for run in runs]
+            held = fetch_entry_chunks(
+                self.store, [bytes.fromhex(k) for k in source.chunk_keys], source.token_ids,
+                ct, self.layout, chunks={i for _, touched in touched_by for i in touched})
+            for run, touched in touched_by:
+                delta = run.dst_start - run.src_start
+                for index in touched:
+                    chunk = held.get(index)
+                    if chunk is None:
+                        continue  # lost or unverified: these positions stay pending
+                    lo = max(run.src_start, index * ct)
+                    hi = min(run.src_start + run.length, index * ct + chunk.kv.shape[2])
+                    part = chunk.kv[:, :, lo - index * ct:hi - index * ct]
+                    dst = slice(lo + delta, hi + delta)
+                    keys = part[:, 0]
+                    kv.keys[:, dst] = rerotate_keys(keys, delta, inv_freq) if delta else keys
+                    kv.values[:, dst] = part[:, 1]
+                    pending[dst] = False
 
     def _claimed_blocks(self, spec: LoadSpec) -> set[int]:
         bs = self.paged.block_size
