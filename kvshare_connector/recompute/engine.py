@@ -155,8 +155,7 @@ class SelectiveRecomputeEngine:
                 span boundaries and usually the last token); any order, duplicates ok.
             exact_prefix: positions below this already hold the prompt's own K/V (vLLM's
                 prefix-cache hit). They are attended to but never tracked or ranked:
-                recomputing them would cost time and, through other matmul shapes, move
-                the numerics of everything after them away from vLLM's own prefill.
+                their deviation is zero, so recomputing them would only cost time.
             logits: compute the next-token logits after the last position. Without them
                 the last layer stops once its K/V rows are written: its attention and MLP
                 feed nothing but the logits (vLLM computes the last prompt token itself).
