@@ -23,6 +23,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from kvshare.bench.workload import add_prompt_length_arguments, check_prompt_lengths
 from kvshare.config import KVShareConfig
 
 MAX_NEW_TOKENS = 32
@@ -32,10 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", type=int, default=6, metavar="N",
                         help="similar-prompt pairs to replay: 2N requests (default: 6, "
                              "about 3 min on 2 CPU cores)")
-    parser.add_argument("--min-tokens", type=int, default=200,
-                        help="shortest prompt in user-text tokens (default: 200)")
-    parser.add_argument("--max-tokens", type=int, default=1500,
-                        help="longest prompt in user-text tokens (default: 1500)")
+    add_prompt_length_arguments(parser, 200, 1500)
     parser.add_argument("--json", type=Path, metavar="PATH",
                         help="also write every request's row and the summary as JSON")
 
@@ -67,9 +65,7 @@ class DemoRow:
 def run(args: argparse.Namespace) -> int:
     if args.pairs < 1:
         raise SystemExit(f"--pairs must be >= 1, got {args.pairs}")
-    if not 1 <= args.min_tokens <= args.max_tokens:
-        raise SystemExit(f"need 1 <= --min-tokens <= --max-tokens, got {args.min_tokens} "
-                         f"and {args.max_tokens}")
+    check_prompt_lengths(args)
     config = KVShareConfig.load(args.config)
     print(f"kvshare demo: model {config.model}, embedder {config.embedder}, "
           f"home {config.home_dir}")

@@ -37,6 +37,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvshare.bench.workload import add_prompt_length_arguments, check_prompt_lengths
+
 logger = logging.getLogger(__name__)
 
 SYSTEMS = ("kvshare", "naive", "cacheblend", "gptcache", "prefix", "split")
@@ -80,10 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep", action="store_true",
                         help=f"also run kvshare at rho in {list(SWEEP_RHOS)} and plot ROUGE-L "
                              "against TTFT (one more set of requests on the kvshare engine)")
-    parser.add_argument("--min-tokens", type=int, default=64,
-                        help="shortest prompt (user text tokens) in a pair (default: 64)")
-    parser.add_argument("--max-tokens", type=int, default=768,
-                        help="longest prompt (user text tokens) in a pair (default: 768)")
+    add_prompt_length_arguments(parser, 64, 768)
     parser.add_argument("--min-reuse-fraction", type=float, default=0.0,
                         help="connector systems claim a plan reusing at least this share of "
                              "the prompt (default: 0.0: reuse whatever the planner finds, so "
@@ -181,9 +180,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.min_reuse_fraction <= 1.0:
         raise SystemExit(
             f"--min-reuse-fraction must be in [0, 1], got {args.min_reuse_fraction}")
-    if not 1 <= args.min_tokens <= args.max_tokens:
-        raise SystemExit(f"need 1 <= --min-tokens <= --max-tokens, got {args.min_tokens} "
-                         f"and {args.max_tokens}")
+    check_prompt_lengths(args)
     started = time.perf_counter()
     prepared = prepare_pairs(args)
     results = run_systems(prepared, systems, args)

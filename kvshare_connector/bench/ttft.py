@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvshare.bench.workload import add_prompt_length_arguments, check_prompt_lengths
+
 MAX_TOKENS = 2
 """Two output tokens, not one: TTFT is taken at the first, and a request that finished in
 its load step would come back before the connector's load report reached the scheduler
@@ -43,10 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=40, metavar="N",
                         help="replay the first N long similar-stream prompts; 0 = all (about "
                              "200) (default: 40, about 10 min on 2 CPU cores)")
-    parser.add_argument("--min-tokens", type=int, default=1000,
-                        help="shortest prompt in user-text tokens (default: 1000)")
-    parser.add_argument("--max-tokens", type=int, default=2048,
-                        help="longest prompt in user-text tokens (default: 2048)")
+    add_prompt_length_arguments(parser, 1000, 2048)
     parser.add_argument("--hit-reuse", type=float, default=0.85,
                         help="reused share of the prompt that makes a request a hit "
                              "(default: 0.85)")
@@ -136,9 +135,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--requests must be >= 0, got {args.requests}")
     if not 0.0 < args.hit_reuse <= 1.0:
         raise SystemExit(f"--hit-reuse must be in (0, 1], got {args.hit_reuse}")
-    if not 1 <= args.min_tokens <= args.max_tokens:
-        raise SystemExit(f"need 1 <= --min-tokens <= --max-tokens, got {args.min_tokens} "
-                         f"and {args.max_tokens}")
+    check_prompt_lengths(args)
     if args.rho is not None and not 0.0 <= args.rho <= 1.0:
         raise SystemExit(f"--rho must be in [0, 1], got {args.rho}")
     started = time.perf_counter()

@@ -10,6 +10,7 @@ tokens) and embeddings are cached under ``<home>/bench`` because computing them 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -25,6 +26,22 @@ logger = logging.getLogger(__name__)
 MIN_PROMPT_TOKENS = 16
 SIMILAR_MAX_COSINE_DISTANCE = 0.05
 _BLOCK_ROWS = 1024
+
+
+def add_prompt_length_arguments(parser: argparse.ArgumentParser, min_tokens: int,
+                                max_tokens: int) -> None:
+    """``--min-tokens`` / ``--max-tokens``: the user-text lengths a command replays."""
+    parser.add_argument("--min-tokens", type=int, default=min_tokens,
+                        help=f"shortest prompt in user-text tokens (default: {min_tokens})")
+    parser.add_argument("--max-tokens", type=int, default=max_tokens,
+                        help=f"longest prompt in user-text tokens (default: {max_tokens})")
+
+
+def check_prompt_lengths(args: argparse.Namespace) -> None:
+    """Exit with the bad values when the ``--min-tokens`` .. ``--max-tokens`` range is empty."""
+    if not 1 <= args.min_tokens <= args.max_tokens:
+        raise SystemExit(f"need 1 <= --min-tokens <= --max-tokens, got {args.min_tokens} "
+                         f"and {args.max_tokens}")
 
 
 @dataclass
