@@ -39,15 +39,20 @@ def test_identical_prompt_reuses_all_but_the_last_token(engine, report_tokens):
     assert again.outputs[0].token_ids == first.outputs[0].token_ids
 
 
-def test_rho_one_reproduces_vanilla_vllm_under_the_same_split(engine, report_tokens):
-    base = report_tokens[10:10 + SPLIT]
-    engine.run(base, "exact")
-    edited = base[:100] + report_tokens[500:504] + base[104:]
-    reused = engine.run(edited, "exact", rho=1.0)
-    vanilla = engine.run(edited, "exact-vanilla")
+@pytest.mark.parametrize(("edit_at", "prefix_hit"), [(100, 0), (200, 128)],
+                         ids=["no-prefix-hit", "after-a-prefix-hit"])
+def test_rho_one_reproduces_vanilla_vllm_under_the_same_split(engine, report_tokens, edit_at,
+                                                              prefix_hit):
+    base = report_tokens[10 + edit_at:10 + edit_at + SPLIT]
+    tenant = f"exact-{edit_at}"
+    engine.run(base, tenant)
+    edited = base[:edit_at] + report_tokens[500:504] + base[edit_at + 4:]
+    reused = engine.run(edited, tenant, rho=1.0)
+    vanilla = engine.run(edited, tenant + "-vanilla")
     assert vanilla.num_cached_tokens == 0
+    # vLLM's prefix cache supplies the blocks before the edit; kvshare recomputes the rest.
     assert reused.num_cached_tokens == SPLIT - 1 and report(reused)["loaded"] > 0
-    assert report(reused)["recomputed"] == SPLIT - 1
+    assert report(reused)["claimed"] == report(reused)["recomputed"] == SPLIT - 1 - prefix_hit
     assert reused.outputs[0].token_ids == vanilla.outputs[0].token_ids
 
 
@@ -120,14 +125,3 @@ def test_prefix_caching_off_claims_everything_but_the_last_token(strict_engine, 
     assert report(again)["recomputed"] == tail + round(config.rho * (SPLIT - 1 - tail))
     assert again.outputs[0].token_ids[0] == first.outputs[0].token_ids[0]
 
-
-def test_rho_one_after_a_prefix_hit_reproduces_vanilla_vllm(engine, report_tokens):
-    base = report_tokens[60:60 + SPLIT]
-    engine.run(base, "exact-hit")
-    edited = base[:200] + report_tokens[520:524] + base[204:]
-    reused = engine.run(edited, "exact-hit", rho=1.0)
-    vanilla = engine.run(edited, "exact-hit-vanilla")
-    # vLLM's prefix cache supplies block 0; kvshare recomputes every claimed token.
-    assert reused.num_cached_tokens == SPLIT - 1
-    assert report(reused)["claimed"] == report(reused)["recomputed"] == SPLIT - 1 - 128
-    assert reused.outputs[0].token_ids == vanilla.outputs[0].token_ids
