@@ -117,6 +117,7 @@ def test_similar_pairs_take_nearest_earlier_with_token_overlap():
 def test_rouge_and_score_on_hand_made_outputs():
     assert Q.rouge_l("the cat sat on the mat", "the cat sat on the mat") == 1.0
     assert Q.rouge_l("", "") == 1.0
+    assert Q.rouge_l("/* {} */ ==>", "/* {} */ ==>") == 1.0  # no word for rouge-score
     assert Q.rouge_l("completely different words", "the cat sat") == 0.0
     partial = Q.rouge_l("the cat sat", "the cat sat on the mat")
     assert partial == pytest.approx(2 * 1.0 * 0.5 / 1.5)
