@@ -86,7 +86,7 @@ class Result:
     """Prompt tokens vLLM did not compute itself: its prefix-cache hit plus connector claims."""
     kvshare: dict[str, Any] | None = None
     """The connector's load report (``kv_transfer_params["kvshare"]``): claimed, loaded,
-    recomputed, fallback, seconds; None when nothing was claimed."""
+    recomputed, fallback, seconds, load_seconds, sources; None when nothing was claimed."""
 
 
 def warmup_requests(token_ids: list[int], count: int = 2) -> list[Req]:
