@@ -110,9 +110,10 @@ class KVShareWorker:
         engine = SelectiveRecomputeEngine(adapter, rho=rho, check_layers=self.config.check_layers)
         result = engine.prefill(spec.token_ids[:end], kv, pending.nonzero().flatten(),
                                 exact_prefix=start, logits=False)
-        # Layers after the engine's last tracked one never ran attention: write them all.
+        # Layers whose attention the engine skipped (the last one, or all after the
+        # tracked set ran empty) still need their rows in the blocks.
         slots = paged.slots(spec.block_ids, start, end)
-        for layer in range(adapter.num_layers):
+        for layer in sorted(set(range(adapter.num_layers)) - adapter.written_layers):
             paged.write(layer, kv.keys[layer, start:end], kv.values[layer, start:end], slots)
         return loaded, int(result.tracked.numel()), load_seconds
 

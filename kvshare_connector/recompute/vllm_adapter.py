@@ -59,11 +59,14 @@ class VLLMDecoderAdapter(ModelAdapter):
         self.device = next(model.parameters()).device
         self._block_ids = torch.zeros(0, dtype=torch.int32)
         self._write_from = 0
+        self.written_layers: set[int] = set()
+        """Layers whose rows ``[write_from, end)`` are in the blocks since :meth:`bind`."""
 
     def bind(self, block_ids: list[int], write_from: int) -> None:
         """Attend over (and write into) these blocks; never write positions < ``write_from``."""
         self._block_ids = torch.as_tensor(block_ids, dtype=torch.int32)
         self._write_from = write_from
+        self.written_layers = set()
 
     @property
     def rope_inv_freq(self) -> torch.Tensor:
@@ -99,6 +102,7 @@ class VLLMDecoderAdapter(ModelAdapter):
         if end > start:
             slots = paged.slots(self._block_ids, start, end)
             paged.write(layer, keys[start:end], values[start:end], slots)
+            self.written_layers.add(layer)
         return self._paged_attention(layer, q, q_positions)
 
     def _paged_attention(self, layer: int, q: torch.Tensor, q_positions: torch.Tensor
