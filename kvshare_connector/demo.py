@@ -155,36 +155,37 @@ def summarize(rows: list[DemoRow]) -> dict:
     """Medians over requests that reused KV (>= 50% of the prompt) and over the others."""
     groups = {"reused": [r for r in rows if r.reused >= 0.5],
               "computed": [r for r in rows if r.reused < 0.5]}
-    summary = {}
-    for name, group in groups.items():
-        summary[name] = {
-            "requests": len(group),
-            "reused_mean": statistics.fmean(r.reused for r in group) if group else None,
-            "vanilla_ttft_median_s": (statistics.median(r.vanilla_ttft_s for r in group)
-                                      if group else None),
-            "kvshare_ttft_median_s": (statistics.median(r.kvshare_ttft_s for r in group)
-                                      if group else None),
-            "speedup_median": statistics.median(r.speedup for r in group) if group else None,
-            "same_answer": sum(r.same_answer for r in group) / len(group) if group else None,
-            "rouge_l_mean": statistics.fmean(r.rouge_l for r in group) if group else None,
-        }
-    return summary
+    return {name: _group_summary(group) for name, group in groups.items()}
+
+
+def _group_summary(group: list[DemoRow]) -> dict:
+    if not group:
+        return {"requests": 0, **dict.fromkeys(
+            ("reused_mean", "vanilla_ttft_median_s", "kvshare_ttft_median_s",
+             "speedup_median", "same_answer", "rouge_l_mean"))}
+    return {
+        "requests": len(group),
+        "reused_mean": statistics.fmean(r.reused for r in group),
+        "vanilla_ttft_median_s": statistics.median(r.vanilla_ttft_s for r in group),
+        "kvshare_ttft_median_s": statistics.median(r.kvshare_ttft_s for r in group),
+        "speedup_median": statistics.median(r.speedup for r in group),
+        "same_answer": statistics.fmean(r.same_answer for r in group),
+        "rouge_l_mean": statistics.fmean(r.rouge_l for r in group),
+    }
 
 
 def summary_table(summary: dict) -> str:
-    def cell(value, fmt, suffix=""):
-        return "-" if value is None else format(value, fmt) + suffix
+    from kvshare.bench.quality import format_or_dash as cell
 
     lines = ["| requests | n | reused | vanilla TTFT p50 | kvshare TTFT p50 | speedup p50 "
              "| same answer | ROUGE-L vs full |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     labels = {"reused": "kvshare reused >= 50%", "computed": "computed (misses)"}
     for name, row in summary.items():
-        ms = {key: cell(row[key] and row[key] * 1000, ".0f", " ms")
-              for key in ("vanilla_ttft_median_s", "kvshare_ttft_median_s")}
         lines.append(
             f"| {labels[name]} | {row['requests']} | {cell(row['reused_mean'], '.0%')} | "
-            f"{ms['vanilla_ttft_median_s']} | {ms['kvshare_ttft_median_s']} | "
+            f"{cell(row['vanilla_ttft_median_s'], '.0f', ' ms', scale=1000)} | "
+            f"{cell(row['kvshare_ttft_median_s'], '.0f', ' ms', scale=1000)} | "
             f"{cell(row['speedup_median'], '.2f', 'x')} | {cell(row['same_answer'], '.0%')} | "
             f"{cell(row['rouge_l_mean'], '.3f')} |")
     return "\n".join(lines)

@@ -6,7 +6,7 @@ two prompts share a chunk exactly when they share every token up to its end, whi
 when its KV (a function of all earlier tokens) is identical. Keys are 16 bytes.
 
 A hash is never trusted alone: chunks also carry their token ids, and the loader
-compares them with the tokens it expected (see ``commit.load_entry_kv``).
+compares them with the tokens it expected (see ``commit.fetch_entry_chunks``).
 """
 
 from __future__ import annotations

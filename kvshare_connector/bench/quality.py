@@ -415,7 +415,7 @@ def markdown_table(results: dict) -> str:
         claimed = f"{row['claimed_fraction']:.0%}" if name in CONNECTOR_SYSTEMS else ""
         lines.append(f"| {name} | {_bar(row['rouge_l'])} | {row['exact_match']:.0%} | "
                      f"{row['first_token_agree']:.0%} | {row['recompute_fraction']:.1%} | "
-                     f"{ttft} | {claimed} | {_fmt(row.get('rouge_l_vs_split'), '.3f')} |")
+                     f"{ttft} | {claimed} | {format_or_dash(row.get('rouge_l_vs_split'), '.3f')} |")
     lines.append(f"\nreference (vanilla, one-step prefill) TTFT p50: "
                  f"{results['reference_ttft_median_s'] * 1000:.0f} ms")
     if results.get("sweep"):
@@ -427,15 +427,17 @@ def markdown_table(results: dict) -> str:
             lines.append(f"| {row['rho']:g} | {_bar(row['rouge_l'])} | {row['exact_match']:.0%} | "
                          f"{row['first_token_agree']:.0%} | {row['recompute_fraction']:.1%} | "
                          f"{row['ttft_median_s'] * 1000:.0f} ms | "
-                         f"{_fmt(row.get('exact_match_vs_split'), '.0%')} | "
-                         f"{_fmt(row.get('rouge_l_vs_split'), '.3f')} |")
+                         f"{format_or_dash(row.get('exact_match_vs_split'), '.0%')} | "
+                         f"{format_or_dash(row.get('rouge_l_vs_split'), '.3f')} |")
         lines.append("\n= split: share of pairs whose 64 tokens equal vanilla vLLM's under the "
                      "same N-1/1 prefill split (rho = 1 must be 100%)")
     return "\n".join(lines) + "\n"
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+def format_or_dash(value: float | None, spec: str, suffix: str = "", scale: float = 1.0
+                   ) -> str:
+    """A table cell: ``value * scale`` formatted with ``spec`` and ``suffix``, or "-"."""
+    return "-" if value is None else format(value * scale, spec) + suffix
 
 
 def _bar(value: float, width: int = 10) -> str:
