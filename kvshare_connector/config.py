@@ -54,6 +54,8 @@ class KVShareConfig:
     """Build an ANN (IVF) vector index once the table holds this many rows."""
     index_flush_rows: int = 64
     """Entries buffered in memory (and searched there) before one batched LanceDB add."""
+    index_max_entries: int = 100_000
+    """Capacity of the entry index; the least recently used entries are dropped beyond it."""
 
     # --- alignment and reuse plan ---------------------------------------------------
     planner: str = "align"
@@ -71,6 +73,13 @@ class KVShareConfig:
     """Tokens per stored KV chunk (the last chunk of a prompt may be shorter)."""
     min_store_tokens: int = 32
     """Prompts shorter than this are not stored."""
+    max_approx_depth: int = 1
+    """Deepest approximation stored: a prompt filled from reused KV is stored with depth
+    1 + its deepest source's depth (exactly computed prompts have depth 0) only up to this;
+    0 stores exactly computed KV only."""
+    save_queue_bytes: int = 1 << 30
+    """Bytes of prompt KV waiting to be written to the tiers; a save beyond it waits
+    (back-pressure) instead of growing memory."""
     cpu_bytes: int = 2 << 30
     """Byte capacity of the CPU tier (LRU)."""
     disk_dir: str = ""
@@ -100,6 +109,9 @@ class KVShareConfig:
     """The prompt's last tokens always recomputed, whatever their deviation. They hold
     the chat template's generation prompt, which the first output token reads most; a
     reused copy of them summarises the *earlier* prompt at every layer above the first."""
+    recompute_tail_by: str = "vllm"
+    """Who computes the prompt's tail: ``vllm`` (the claim stops before it and vLLM
+    prefills it attending to the filled KV) or ``kvshare`` (the fill recomputes it)."""
 
     # --- vLLM connector ----------------------------------------------------------------
     strict_prefix_cache: bool = False
@@ -150,6 +162,12 @@ class KVShareConfig:
         _require(0.0 <= self.rho <= 1.0, "rho", self.rho, "in [0, 1]")
         _require(self.recompute_tail_tokens >= 0, "recompute_tail_tokens",
                  self.recompute_tail_tokens, ">= 0")
+        _require(self.recompute_tail_by in ("vllm", "kvshare"), "recompute_tail_by",
+                 self.recompute_tail_by, "one of vllm, kvshare")
+        _require(self.max_approx_depth >= 0, "max_approx_depth", self.max_approx_depth, ">= 0")
+        _require(self.save_queue_bytes >= 0, "save_queue_bytes", self.save_queue_bytes, ">= 0")
+        _require(self.index_max_entries >= 1, "index_max_entries", self.index_max_entries,
+                 ">= 1")
         _require(all(layer >= 0 for layer in self.check_layers), "check_layers",
                  self.check_layers, "a list of layer indices >= 0")
         _require(self.redis_url == "" or self.redis_url.startswith(("redis://", "unix://")),
