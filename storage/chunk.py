@@ -127,13 +127,15 @@ class KVChunk:
 
 
 def split_prompt_kv(
-    model_id: str, kv: torch.Tensor, token_ids: Sequence[int] | np.ndarray, chunk_tokens: int
+    model_id: str, kv: torch.Tensor, token_ids: Sequence[int] | np.ndarray, chunk_tokens: int,
+    *, scope: str, exact_tokens: int | None = None, variant: str = "",
 ) -> list[KVChunk]:
     """Cut a whole prompt's KV into keyed chunks (views of ``kv``, no copy).
 
     ``kv`` is ``[num_layers, 2, num_tokens, num_kv_heads, head_dim]`` for tokens at
     positions ``0 .. num_tokens - 1``: keys chain from the first token, so the KV must
-    start there too. Only the last chunk may be shorter than ``chunk_tokens``.
+    start there too. Only the last chunk may be shorter than ``chunk_tokens``. ``scope``,
+    ``exact_tokens`` and ``variant`` name the keys (see ``keys.chunk_keys``).
     """
     ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
     if kv.dim() != 5 or kv.shape[1] != 2 or kv.shape[2] != len(ids):
@@ -143,7 +145,8 @@ def split_prompt_kv(
         )
     layout = KVLayout(num_layers=kv.shape[0], num_kv_heads=kv.shape[3], head_dim=kv.shape[4],
                       dtype=kv.dtype)
-    keys = chunk_keys(model_id, ids, chunk_tokens)
+    keys = chunk_keys(model_id, ids, chunk_tokens, scope=scope, exact_tokens=exact_tokens,
+                      variant=variant)
     return [
         KVChunk(
             header=ChunkHeader(key=key, model_id=model_id, layout=layout, start_pos=start,

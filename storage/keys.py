@@ -1,9 +1,16 @@
-"""Content-addressed chunk keys.
+"""Content-addressed chunk keys, namespaced by sharing scope.
 
-A chunk's key is ``xxh3_128(model id, key of the previous chunk, this chunk's token ids)``.
-Chaining the previous key makes a key name the whole prefix, not only its own tokens:
-two prompts share a chunk exactly when they share every token up to its end, which is
-when its KV (a function of all earlier tokens) is identical. Keys are 16 bytes.
+A chunk's key is ``xxh3_128(model id, scope, variant, key of the previous chunk, this
+chunk's token ids)``. Chaining the previous key makes a key name the whole prefix, not
+only its own tokens: two prompts of one scope share a chunk exactly when they share every
+token up to its end, which is when its exactly computed KV (a function of all earlier
+tokens) is identical. Keys are 16 bytes.
+
+The scope (a tenant, or "" for the public scope) is part of every key, so chunk bytes
+are shared across tenants only where the sharing policy lets one tenant read another
+scope's entries. The variant is empty for exactly computed KV and names the entry
+otherwise: KV filled from reused rows is an approximation, and giving it its own keys
+means it can never answer a lookup for the exact KV of the same tokens.
 
 A hash is never trusted alone: chunks also carry their token ids, and the loader
 compares them with the tokens it expected (see ``commit.fetch_entry_chunks``).
@@ -37,13 +44,20 @@ def token_bytes(token_ids: Sequence[int] | np.ndarray) -> bytes:
     return ids.astype("<u4").tobytes()
 
 
-def chunk_key(model_id: str, parent: ChunkKey, token_ids: Sequence[int] | np.ndarray) -> ChunkKey:
-    """Key of one chunk whose previous chunk has key ``parent`` (``ROOT_PARENT`` if first)."""
+def chunk_key(model_id: str, parent: ChunkKey, token_ids: Sequence[int] | np.ndarray, *,
+              scope: str, variant: str = "") -> ChunkKey:
+    """Key of one chunk whose previous chunk has key ``parent`` (``ROOT_PARENT`` if first).
+
+    ``scope`` is the sharing scope of the entry the chunk belongs to; ``variant`` is ""
+    for exactly computed KV (see the module docstring).
+    """
     if len(parent) != KEY_BYTES:
         raise ValueError(f"parent key must be {KEY_BYTES} bytes, got {len(parent)}")
-    model = model_id.encode()
-    # Length-prefix the model id so ("ab", tokens) and ("a", "b"+tokens) cannot collide.
-    h = xxhash.xxh3_128(struct.pack("<I", len(model)) + model)
+    h = xxhash.xxh3_128()
+    # Length-prefix the strings so ("ab", tokens) and ("a", "b"+tokens) cannot collide.
+    for name in (model_id, scope, variant):
+        encoded = name.encode()
+        h.update(struct.pack("<I", len(encoded)) + encoded)
     h.update(parent)
     h.update(token_bytes(token_ids))
     return h.digest()
@@ -57,13 +71,24 @@ def chunk_spans(num_tokens: int, chunk_tokens: int) -> list[tuple[int, int]]:
 
 
 def chunk_keys(
-    model_id: str, token_ids: Sequence[int] | np.ndarray, chunk_tokens: int
+    model_id: str, token_ids: Sequence[int] | np.ndarray, chunk_tokens: int, *, scope: str,
+    exact_tokens: int | None = None, variant: str = "",
 ) -> list[ChunkKey]:
-    """The key chain of a token sequence cut into ``chunk_tokens``-token chunks."""
+    """The key chain of a token sequence cut into ``chunk_tokens``-token chunks.
+
+    Chunks that end within the first ``exact_tokens`` tokens (default: all) hold exactly
+    computed KV and get content keys; every later chunk holds approximate KV and carries
+    ``variant``, which must then be non-empty and unique to the entry.
+    """
     ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+    exact = len(ids) if exact_tokens is None else exact_tokens
+    if exact < len(ids) and not variant:
+        raise ValueError(f"{len(ids) - exact} tokens hold approximate KV (exact_tokens="
+                         f"{exact_tokens}); their chunks need a non-empty variant")
     keys: list[ChunkKey] = []
     parent = ROOT_PARENT
     for start, end in chunk_spans(len(ids), chunk_tokens):
-        parent = chunk_key(model_id, parent, ids[start:end])
+        parent = chunk_key(model_id, parent, ids[start:end], scope=scope,
+                           variant="" if end <= exact else variant)
         keys.append(parent)
     return keys

@@ -92,7 +92,8 @@ def real_kv_chunks(config: KVShareConfig, prompts: int, prompt_tokens: int) -> l
         kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
         kv = kv.permute(0, 1, 3, 2, 4).contiguous()
         chunks += [KVChunk(c.header, c.kv.contiguous())
-                   for c in split_prompt_kv(config.model, kv, ids, config.chunk_tokens)]
+                   for c in split_prompt_kv(config.model, kv, ids, config.chunk_tokens,
+                                               scope="")]
     return chunks
 
 

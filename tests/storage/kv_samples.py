@@ -21,9 +21,10 @@ def random_kv(layout: KVLayout, num_tokens: int, seed: int = 0) -> torch.Tensor:
 
 def make_chunks(num_tokens: int, chunk_tokens: int, layout: KVLayout = SMALL, seed: int = 0,
                 model_id: str = "test-model") -> list[KVChunk]:
-    """One prompt's chunks: tokens ``seed*1000 + i``, random KV."""
+    """One prompt's chunks (public scope): tokens ``seed*1000 + i``, random KV."""
     token_ids = [seed * 1000 + i for i in range(num_tokens)]
-    return split_prompt_kv(model_id, random_kv(layout, num_tokens, seed), token_ids, chunk_tokens)
+    return split_prompt_kv(model_id, random_kv(layout, num_tokens, seed), token_ids, chunk_tokens,
+                           scope="")
 
 
 def assert_same_chunk(got: KVChunk | None, want: KVChunk) -> None:

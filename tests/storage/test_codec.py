@@ -31,7 +31,7 @@ def test_decoded_tensor_has_the_header_shape_and_is_writable(codec):
 
 def test_non_contiguous_views_encode_their_values():
     kv = random_kv(KVLayout(2, 2, 8, torch.float16), 12)
-    chunks = split_prompt_kv("m", kv, list(range(12)), 5)  # views into the middle of kv
+    chunks = split_prompt_kv("m", kv, list(range(12)), 5, scope="")  # views into the middle of kv
     assert not chunks[1].kv.is_contiguous()
     codec = ChunkCodec("zstd-byteplane")
     for chunk in chunks:

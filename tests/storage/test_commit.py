@@ -33,7 +33,7 @@ class ListIndex:
 
 def prompt(name: str, tokens: list[int], seed: int):
     kv = random_kv(SMALL, len(tokens), seed)
-    chunks = split_prompt_kv("m", kv, tokens, 16)
+    chunks = split_prompt_kv("m", kv, tokens, 16, scope="")
     return FakeEntry(name, tokens, [c.key for c in chunks]), chunks, kv
 
 
