@@ -80,12 +80,23 @@ class Matcher:
             return [tenant]
         return [tenant, PUBLIC_SCOPE]
 
-    def lookup(self, text: str, token_ids: Sequence[int], tenant: str = PUBLIC_SCOPE
-               ) -> LookupResult:
+    def lookup(self, text: str, token_ids: Sequence[int], tenant: str = PUBLIC_SCOPE,
+               extra: Sequence[IndexEntry] = ()) -> LookupResult:
+        """Embed, search the tenant's scopes, align, plan.
+
+        ``extra`` are entries not in the index yet (the connector's saves in flight); those
+        of the tenant's scopes compete with the index's hits by distance, so a caller can
+        see that the best plan would read from an entry that is still being stored.
+        """
         t0 = time.perf_counter()
         embedding = self.embedder.embed([text])[0]
         t1 = time.perf_counter()
         hits = self.index.search(embedding, self.model_id, self.scopes_for(tenant), self.top_k)
+        if extra:
+            scopes = set(self.scopes_for(tenant))
+            hits += [SearchHit(entry, 1.0 - float(entry.embedding @ embedding)) for entry in extra
+                     if entry.scope in scopes and entry.model_id == self.model_id]
+            hits = sorted(hits, key=lambda hit: hit.distance)[: self.top_k]
         t2 = time.perf_counter()
         candidates = [Candidate(hit.entry.entry_id, hit.entry.token_ids) for hit in hits]
         if self.planner == "chunk256":
@@ -104,12 +115,13 @@ class Matcher:
         *,
         embedding: np.ndarray | None = None,
         chunk_keys: Sequence[str] = (),
+        entry_id: str | None = None,
     ) -> IndexEntry:
         """Index a prompt (its chunks must already be stored: entries never point at nothing)."""
         if embedding is None:
             embedding = self.embedder.embed([text])[0]
         entry = IndexEntry(
-            entry_id=new_entry_id(),
+            entry_id=entry_id or new_entry_id(),
             model_id=self.model_id,
             scope=tenant,
             embedding=embedding,
