@@ -1,40 +1,93 @@
 """The entry index: which earlier prompts exist, in which scope, and where their KV lives.
 
 LanceDB holds the durable table (one row per entry: id, model, scope, embedding, token
-ids, preview, times, hit count, chunk keys). The lookup hot path never queries it: a
-LanceDB filtered vector query costs 7-20 ms on two cores even with an IVF-PQ index,
-while kvshare's whole lookup budget is 5 ms at p50. So the index keeps a RAM mirror,
-loaded at open and updated on every write, with one vector index per (model, scope)
-partition: exact inner product while small, IVF (faiss) once a partition passes
-``ann_min_rows``. Token ids live in that mirror too; they cost 4 bytes a token, about
-0.02% of the KV they index (SmolLM2: 23 KiB a token).
+ids, preview, times, hit count, chunk keys, approximation depth). The lookup hot path
+never queries it: a LanceDB filtered vector query costs 7-20 ms on two cores even with an
+IVF-PQ index, while kvshare's whole lookup budget is 5 ms at p50. So the index keeps a
+RAM mirror, loaded at open and updated on every write, with one vector partition per
+(model, scope) (``kvshare.storage.vector_partition``: exact while small, IVF once a
+partition passes ``ann_min_rows``). Token ids live in that mirror too; they cost 4 bytes
+a token, about 0.02% of the KV they index (SmolLM2: 23 KiB a token).
+
+Writes and threads
+------------------
+``add``, ``record_hits`` and ``delete`` change the mirror at once and queue the change
+(``pending_writes``); ``flush`` writes the queue to LanceDB, purges removed vectors from
+faiss and trains IVF where a partition needs it. With ``auto_flush=True`` (tools,
+benchmarks, tests) the writing call itself flushes once ``flush_rows`` changes are
+queued or training is due. With ``auto_flush=False`` (the vLLM connector, whose writes
+run in EngineCore's loop) those calls only touch memory, never LanceDB, and never train;
+the owner calls ``flush`` (and now and then ``compact``) from a background thread,
+polling ``needs_flush``.
+
+Two locks. The mirror lock guards the mirror and the queue and is held only for memory
+work: never during LanceDB I/O or k-means. The write lock serializes ``flush``,
+``compact``, ``close`` and IVF training. Lock order: write lock, then mirror lock. A flush
+takes the whole queue under the mirror lock, then writes it without that lock (deletes
+first, then upserts); a change made meanwhile joins the next queue, and queues are
+written in order, so the last call on an id wins: a delete of an entry whose add is
+being written is written after that add. A failed LanceDB write puts the changes no
+later call has superseded back into the queue.
+
+Who removes entries, and when
+-----------------------------
+- ``add``, when the index goes over ``max_entries`` or ``max_tokens``: it evicts the
+  least recently used entries (smallest max(last_hit_at, created_at); the new ones
+  included) until within both caps, before it returns, and returns them;
+- ``delete``: the owner, for entries whose chunks were found missing;
+- ``reconcile``: the owner's background sweep, for entries its ``has_chunks`` check
+  says have lost chunks;
+- ``add`` of an id already present replaces that entry.
+Nothing else removes an entry; its LanceDB row goes at the next flush.
 
 Invariants:
 - one writer process per directory (LanceDB appends and deletes from several processes
   conflict); within the process every method is thread-safe;
-- an entry is searchable as soon as ``add`` returns and durable after the next
-  ``flush`` (automatic every ``flush_rows`` adds, and on ``close``): a crash loses at
-  most the unflushed tail, which is a cache miss, never a wrong answer;
+- whenever ``add`` has returned, the index holds at most ``max_entries`` entries and
+  ``max_tokens`` prompt tokens;
+- an entry is searchable as soon as ``add`` returns and durable once a later flush has
+  completed: a crash loses at most the queue, which costs a cache miss or brings back an
+  entry whose chunks are gone (loads verify chunks and recompute), never a wrong answer;
+- entries are not mutated after ``add`` except through ``record_hits``;
 - search never returns an entry of another model or of a scope not asked for.
 """
 
 from __future__ import annotations
 
+import copy
+import heapq
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from kvshare.storage.vector_partition import (
+    VectorPartition,
+    build_ivf,
+    load_ivf_cache,
+    save_ivf_cache,
+    train_centroids,
+)
+
 logger = logging.getLogger(__name__)
 
 TABLE_NAME = "entries"
 PREVIEW_CHARS = 200
+RECONCILE_BATCH = 256
+"""Entries per ``has_chunks`` call in ``reconcile``."""
+
+# compact() deletes all old versions on purpose (its docstring says why it is safe here);
+# lancedb warns about that on every call.
+warnings.filterwarnings("ignore", message=r"optimize\(cleanup_older_than=0\)",
+                        category=UserWarning, module=__name__)
 
 
 def new_entry_id() -> str:
@@ -59,15 +112,32 @@ class IndexEntry:
     created_at: float = field(default_factory=time.time)
     last_hit_at: float = 0.0
     hit_count: int = 0
+    depth: int = 0
+    """Approximation depth of the entry's KV: 0 when the model computed all of it exactly;
+    d >= 1 when it was built from reused KV whose deepest source had depth d - 1."""
+    exact_tokens: int | None = None
+    """Leading tokens whose KV is exact; None means all of them."""
 
     def __post_init__(self) -> None:
         self.embedding = np.ascontiguousarray(self.embedding, dtype=np.float32).reshape(-1)
         self.token_ids = np.ascontiguousarray(self.token_ids, dtype=np.int32).reshape(-1)
         self.text_preview = self.text_preview[:PREVIEW_CHARS]
+        if self.depth < 0:
+            raise ValueError(f"entry {self.entry_id!r} has depth {self.depth}; depth is >= 0 "
+                             "(0: KV computed exactly by the model)")
+        if self.exact_tokens is not None and not 0 <= self.exact_tokens <= self.num_tokens:
+            raise ValueError(
+                f"entry {self.entry_id!r} has exact_tokens={self.exact_tokens}; expected None "
+                f"(all exact) or 0..{self.num_tokens} (its token count)")
 
     @property
     def num_tokens(self) -> int:
         return int(self.token_ids.size)
+
+    @property
+    def last_used_at(self) -> float:
+        """When the entry was last added or reused: what LRU eviction orders by."""
+        return max(self.last_hit_at, self.created_at)
 
 
 @dataclass(frozen=True)
@@ -90,60 +160,13 @@ def _schema(dim: int) -> pa.Schema:
         ("created_at", pa.float64()),
         ("last_hit_at", pa.float64()),
         ("hit_count", pa.int64()),
+        pa.field("depth", pa.int32(), nullable=False),
+        ("exact_tokens", pa.int32()),
     ])
 
 
-class _Partition:
-    """Vector index over the entries of one (model, scope); ids are faiss int64 labels."""
-
-    def __init__(self, dim: int, ann_min_rows: int, nprobe: int, seed: int) -> None:
-        import faiss
-
-        self._faiss = faiss
-        self.dim = dim
-        self.ann_min_rows = ann_min_rows
-        self.nprobe = nprobe
-        self.seed = seed
-        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-        self.is_ann = False
-
-    def __len__(self) -> int:
-        return int(self.index.ntotal)
-
-    def add(self, labels: np.ndarray, vectors: np.ndarray) -> None:
-        self.index.add_with_ids(vectors, labels)
-        if not self.is_ann and len(self) >= self.ann_min_rows:
-            self._build_ann()
-
-    def remove(self, labels: np.ndarray) -> None:
-        self.index.remove_ids(labels)
-
-    def search(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        k = min(k, len(self))
-        if k == 0:
-            return np.empty(0, np.float32), np.empty(0, np.int64)
-        sims, labels = self.index.search(vector[None, :], k)
-        keep = labels[0] >= 0
-        return sims[0][keep], labels[0][keep]
-
-    def _build_ann(self) -> None:
-        """Retrain as IVF-Flat: about 4*sqrt(n) lists, trained on the partition itself."""
-        faiss = self._faiss
-        n = len(self)
-        labels = faiss.vector_to_array(self.index.id_map).astype(np.int64)
-        vectors = self.index.index.reconstruct_n(0, n)
-        nlist = int(4 * np.sqrt(n))
-        started = time.perf_counter()
-        ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, nlist,
-                                 faiss.METRIC_INNER_PRODUCT)
-        sample = vectors[np.random.default_rng(self.seed).permutation(n)[: 64 * nlist]]
-        ivf.train(sample)
-        ivf.nprobe = self.nprobe
-        index = faiss.IndexIDMap2(ivf)
-        index.add_with_ids(vectors, labels)
-        self.index, self.is_ann = index, True
-        logger.info("built IVF index (%d lists) over %d entries in %.1f s",
-                    nlist, n, time.perf_counter() - started)
+ADDED_COLUMNS = {"depth": "CAST(0 AS INT)", "exact_tokens": "CAST(NULL AS INT)"}
+"""Columns newer than the first schema, with the SQL that fills them in older tables."""
 
 
 class EntryIndex:
@@ -158,10 +181,20 @@ class EntryIndex:
         flush_rows: int = 64,
         nprobe: int = 48,
         seed: int = 0,
+        auto_flush: bool = True,
+        max_entries: int | None = None,
+        max_tokens: int | None = None,
     ) -> None:
         import faiss
         import lancedb
 
+        for name, value in (("ann_min_rows", ann_min_rows), ("flush_rows", flush_rows),
+                            ("nprobe", nprobe)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        for name, cap in (("max_entries", max_entries), ("max_tokens", max_tokens)):
+            if cap is not None and cap < 1:
+                raise ValueError(f"{name} must be None (no cap) or >= 1, got {cap}")
         faiss.omp_set_num_threads(1)  # one query at a time: threads only add overhead
         self.path = Path(path)
         self.dim = dim
@@ -170,14 +203,26 @@ class EntryIndex:
         self.nprobe = nprobe
         self.seed = seed
         """Seeds the IVF training sample, so rebuilt indexes are reproducible."""
+        self.auto_flush = auto_flush
+        self.max_entries = max_entries
+        self.max_tokens = max_tokens
+        """Cap on the prompt tokens of all entries together: a proxy for the KV they keep."""
+        self._write_lock = threading.Lock()
+        """Serializes flush, compact, close and IVF training; taken before ``_lock``."""
         self._lock = threading.RLock()
+        """The mirror lock, over every attribute below; never held during LanceDB I/O."""
         self._entries: dict[str, IndexEntry] = {}
         self._label_of: dict[str, int] = {}
         self._id_of_label: dict[int, str] = {}
         self._next_label = 0
-        self._partitions: dict[tuple[str, str], _Partition] = {}
+        self._partitions: dict[tuple[str, str], VectorPartition] = {}
+        self._total_tokens = 0
+        self._lru: list[tuple[float, str]] = []
+        """Heap of (last_used_at, entry id). Every entry has an item with its current
+        last_used_at; items of removed entries, or from before a hit, are stale."""
+        self._evicted = 0
         self._persisted: set[str] = set()
-        """Ids that have a row in LanceDB: new ids are appended, known ones merged."""
+        """Ids that may have a row in LanceDB: those go through merge, others are appended."""
         self._pending_upserts: dict[str, IndexEntry] = {}
         self._pending_deletes: set[str] = set()
         self.path.mkdir(parents=True, exist_ok=True)
@@ -192,24 +237,44 @@ class EntryIndex:
     def __contains__(self, entry_id: str) -> bool:
         return entry_id in self._entries
 
-    def add(self, entries: Sequence[IndexEntry]) -> None:
-        """Make entries searchable now, durable at the next flush. Re-adding an id replaces it."""
+    @property
+    def pending_writes(self) -> int:
+        """Queued changes (entry upserts plus deletes) not yet written to LanceDB."""
+        with self._lock:
+            return len(self._pending_upserts) + len(self._pending_deletes)
+
+    @property
+    def needs_flush(self) -> bool:
+        """Whether ``flush`` has work: queued changes, or a partition due for IVF training."""
+        with self._lock:
+            return bool(self._pending_upserts or self._pending_deletes) or self._training_due()
+
+    def add(self, entries: Sequence[IndexEntry]) -> list[IndexEntry]:
+        """Make entries searchable now and durable at the next flush; returns those evicted.
+
+        Re-adding an id replaces that entry. If the index goes over ``max_entries`` or
+        ``max_tokens``, least recently used entries (possibly new ones) are evicted before
+        this returns.
+        """
+        seen: set[str] = set()
         for entry in entries:
             if entry.embedding.shape != (self.dim,):
                 raise ValueError(
                     f"entry {entry.entry_id!r} has an embedding of shape {entry.embedding.shape}; "
                     f"this index holds {self.dim}-dim vectors"
                 )
+            if entry.entry_id in seen:
+                raise ValueError(f"entry id {entry.entry_id!r} appears twice in one add")
+            seen.add(entry.entry_id)
         with self._lock:
-            replaced = [e.entry_id for e in entries if e.entry_id in self._entries]
-            if replaced:
-                self._forget(replaced)
+            self._forget([e.entry_id for e in entries if e.entry_id in self._entries])
             self._remember(entries)
             for entry in entries:
                 self._pending_deletes.discard(entry.entry_id)
                 self._pending_upserts[entry.entry_id] = entry
-            if len(self._pending_upserts) >= self.flush_rows:
-                self.flush()
+            evicted = self._evict_over_capacity()
+        self._flush_if_due()
+        return evicted
 
     def search(
         self, vector: np.ndarray, model_id: str, scopes: Iterable[str], k: int
@@ -241,74 +306,108 @@ class EntryIndex:
             return list(self._entries.values())
 
     def record_hits(self, entry_ids: Iterable[str], now: float | None = None) -> None:
-        """Count a reuse of each entry (feeds LRU eviction and `kvshare inspect`)."""
+        """Count a reuse of each entry (feeds LRU eviction and `kvshare inspect`).
+
+        ``now`` (seconds since the epoch; default: the current time) only moves
+        ``last_hit_at`` forward. Unknown ids are skipped.
+        """
         now = time.time() if now is None else now
         with self._lock:
             for entry_id in entry_ids:
                 entry = self._entries.get(entry_id)
                 if entry is not None:
                     entry.hit_count += 1
-                    entry.last_hit_at = now
+                    entry.last_hit_at = max(entry.last_hit_at, now)
+                    heapq.heappush(self._lru, (entry.last_used_at, entry_id))
                     self._pending_upserts[entry_id] = entry
+            self._shrink_lru_heap()
+        self._flush_if_due()
 
     def delete(self, entry_ids: Iterable[str]) -> int:
         """Remove entries; returns how many existed."""
         with self._lock:
             present = [i for i in dict.fromkeys(entry_ids) if i in self._entries]
-            self._forget(present)
-            for entry_id in present:
-                self._pending_upserts.pop(entry_id, None)
-            self._pending_deletes.update(present)
-            return len(present)
+            self._delete_locked(present)
+        self._flush_if_due()
+        return len(present)
 
-    def evict_lru(self, max_entries: int) -> list[IndexEntry]:
-        """Drop the least recently used entries beyond ``max_entries``; returns them."""
-        with self._lock:
-            excess = len(self._entries) - max_entries
-            if excess <= 0:
-                return []
-            by_age = sorted(self._entries.values(),
-                            key=lambda e: (max(e.last_hit_at, e.created_at), e.entry_id))
-            victims = by_age[:excess]
-            self.delete([e.entry_id for e in victims])
-            return victims
+    def reconcile(self, has_chunks: Callable[[list[IndexEntry]], list[bool]],
+                  batch_size: int = RECONCILE_BATCH) -> int:
+        """Delete the entries ``has_chunks`` says have lost chunks; returns how many.
 
-    def flush(self) -> None:
-        """Write pending adds, hit counts and deletes to LanceDB (one batch each)."""
+        ``has_chunks`` gets batches of ``batch_size`` entries and answers, per entry,
+        whether all its chunks are still stored; it runs without any lock held, so it
+        may be slow (disk, Redis) while searches and writes go on. An entry replaced or
+        removed while its batch was being checked is left alone.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         with self._lock:
-            if self._pending_deletes:
-                self._table.delete(_in_list("entry_id", self._pending_deletes))
-                self._persisted.difference_update(self._pending_deletes)
-                self._pending_deletes.clear()
-            if self._pending_upserts:
-                # Appends are cheap; a merge joins against the whole table, so only rows
-                # that already exist (hit counts, replacements) go through it.
-                known = [e for i, e in self._pending_upserts.items() if i in self._persisted]
-                new = [e for i, e in self._pending_upserts.items() if i not in self._persisted]
-                if known:
-                    (self._table.merge_insert("entry_id")
-                     .when_matched_update_all()
-                     .when_not_matched_insert_all()
-                     .execute(self._to_arrow(known)))
-                if new:
-                    self._table.add(self._to_arrow(new))
-                self._persisted.update(self._pending_upserts)
-                self._pending_upserts.clear()
+            snapshot = list(self._entries.values())
+        removed = 0
+        for start in range(0, len(snapshot), batch_size):
+            batch = snapshot[start:start + batch_size]
+            present = list(has_chunks(batch))
+            if len(present) != len(batch):
+                raise ValueError(f"has_chunks answered {len(present)} values for a batch of "
+                                 f"{len(batch)} entries; it must answer one per entry")
+            gone = [entry for entry, ok in zip(batch, present) if not ok]
+            if gone:
+                with self._lock:
+                    unchanged = [e.entry_id for e in gone if self._entries.get(e.entry_id) is e]
+                    self._delete_locked(unchanged)
+                removed += len(unchanged)
+        if removed:
+            logger.info("reconcile removed %d of %d index entries (chunks gone)",
+                        removed, len(snapshot))
+        self._flush_if_due()
+        return removed
+
+    def flush(self) -> int:
+        """Write queued changes to LanceDB, purge removed vectors from the partitions and
+        train IVF where due; returns the changes written.
+
+        Safe from any thread while searches and writes go on: the mirror lock is held
+        only to take the queue. Flushes run one at a time. If a LanceDB write fails, the
+        changes no later call has superseded go back into the queue and the error
+        propagates.
+        """
+        with self._write_lock:
+            written = self._write_queue_locked()
+            with self._lock:
+                for partition in self._partitions.values():
+                    partition.purge()
+            self._train_due_locked()
+        return written
 
     def compact(self) -> None:
-        """Merge LanceDB's small fragments and drop old versions (one per flush)."""
-        with self._lock:
-            self.flush()
-            self._table.optimize()
+        """Flush, merge LanceDB's fragments and delete every older version; save the IVF cache.
+
+        Each flush leaves a LanceDB version and a small fragment; this folds them into
+        one version. Safe from a background thread while searches and writes go on.
+        Deleting all old versions at once is safe for this process (it reads LanceDB
+        only at open); a reader in another process (``kvshare inspect``) opening the table
+        at that moment may fail, and can retry.
+        """
+        with self._write_lock:
+            self._write_queue_locked()
+            self._table.optimize(cleanup_older_than=timedelta(0))
+            self._save_ivf_cache_locked()
 
     def close(self) -> None:
-        self.flush()
+        """Flush and save the IVF cache, so the next open neither trains nor assigns lists."""
+        with self._write_lock:
+            self._write_queue_locked()
+            self._save_ivf_cache_locked()
 
     def stats(self) -> dict[str, object]:
         with self._lock:
             return {
                 "entries": len(self._entries),
-                "tokens": int(sum(e.num_tokens for e in self._entries.values())),
+                "tokens": self._total_tokens,
+                "max_entries": self.max_entries,
+                "max_tokens": self.max_tokens,
+                "evicted_since_open": self._evicted,
                 "partitions": {
                     f"{model}/{scope or '<public>'}": {"entries": len(p), "ann": p.is_ann}
                     for (model, scope), p in self._partitions.items()
@@ -323,62 +422,78 @@ class EntryIndex:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ------------------------------------------------------------------ internals
+    # ---------------------------------------------------------------- open, load
     def _open_table(self):
-        if TABLE_NAME in self._db.list_tables().tables:
-            table = self._db.open_table(TABLE_NAME)
-            stored_dim = table.schema.field("vector").type.list_size
-            if stored_dim != self.dim:
-                raise ValueError(
-                    f"index at {self.path} holds {stored_dim}-dim vectors; "
-                    f"this embedder makes {self.dim}-dim ones (use another index directory)"
-                )
-            return table
-        return self._db.create_table(TABLE_NAME, schema=_schema(self.dim))
+        if TABLE_NAME not in self._db.list_tables().tables:
+            return self._db.create_table(TABLE_NAME, schema=_schema(self.dim))
+        table = self._db.open_table(TABLE_NAME)
+        stored_dim = table.schema.field("vector").type.list_size
+        if stored_dim != self.dim:
+            raise ValueError(
+                f"index at {self.path} holds {stored_dim}-dim vectors; "
+                f"this embedder makes {self.dim}-dim ones (use another index directory)"
+            )
+        missing = {name: sql for name, sql in ADDED_COLUMNS.items()
+                   if name not in table.schema.names}
+        if missing:
+            table.add_columns(missing)
+            logger.info("index at %s: added columns %s", self.path, ", ".join(missing))
+        return table
 
     def _load(self) -> None:
-        table = self._table.to_arrow()
-        columns = table.to_pydict()
-        if not table.num_rows:
-            return
-        vectors = table.column("vector").combine_chunks().flatten().to_numpy()
-        vectors = vectors.reshape(table.num_rows, self.dim)
-        entries = [
-            IndexEntry(
-                entry_id=columns["entry_id"][i],
-                model_id=columns["model_id"][i],
-                scope=columns["scope"][i],
-                embedding=vectors[i],
-                token_ids=np.asarray(columns["token_ids"][i], np.int32),
-                text_preview=columns["text_preview"][i],
-                chunk_keys=list(columns["chunk_keys"][i]),
-                created_at=columns["created_at"][i],
-                last_hit_at=columns["last_hit_at"][i],
-                hit_count=columns["hit_count"][i],
-            )
-            for i in range(table.num_rows)
-        ]
-        self._remember(entries)
-        self._persisted.update(e.entry_id for e in entries)
-        logger.info("loaded %d index entries from %s", len(entries), self.path)
+        started = time.perf_counter()
+        entries, embeddings = _entries_from_arrow(self._table.to_arrow(), self.dim)
+        keys = {(e.model_id, e.scope) for e in entries}
+        saved = load_ivf_cache(self.path, self.dim, self._table.version) if entries else {}
+        saved = {key: cached for key, cached in saved.items() if key in keys}
+        for key in saved:
+            partition = self._partitions[key] = VectorPartition(self.dim)
+            partition.use_ivf(build_ivf(saved[key].centroids, saved[key].trained_rows,
+                                        self.nprobe), built_from=set())
+        with self._lock:
+            self._remember(entries, embeddings,
+                           {key: cached.list_of for key, cached in saved.items()})
+            self._persisted.update(self._entries)
+            evicted = self._evict_over_capacity()
+        logger.info("loaded %d index entries from %s in %.1f s (IVF cache: %s)", len(entries),
+                    self.path, time.perf_counter() - started,
+                    ", ".join(f"{m}/{s or '<public>'}" for m, s in saved) or "none")
+        if evicted:
+            logger.info("evicted %d entries over capacity at open", len(evicted))
+        self._flush_if_due()
 
-    def _remember(self, entries: Sequence[IndexEntry]) -> None:
-        by_partition: dict[tuple[str, str], list[IndexEntry]] = {}
-        for entry in entries:
+    # ------------------------------------------------- mirror (mirror lock held)
+    def _remember(self, entries: Sequence[IndexEntry], embeddings: np.ndarray | None = None,
+                  cached_lists: dict[tuple[str, str], dict[str, int]] | None = None) -> None:
+        """Add entries to the mirror. ``embeddings`` (``[n, dim]``, optional) are theirs
+        stacked; ``cached_lists`` maps partition -> entry id -> IVF list from the cache."""
+        by_partition: dict[tuple[str, str], list[int]] = {}
+        for position, entry in enumerate(entries):
             label = self._next_label
             self._next_label += 1
             self._entries[entry.entry_id] = entry
             self._label_of[entry.entry_id] = label
             self._id_of_label[label] = entry.entry_id
-            by_partition.setdefault((entry.model_id, entry.scope), []).append(entry)
-        for key, group in by_partition.items():
+            self._total_tokens += entry.num_tokens
+            self._lru.append((entry.last_used_at, entry.entry_id))
+            by_partition.setdefault((entry.model_id, entry.scope), []).append(position)
+        heapq.heapify(self._lru)  # O(heap): cheaper than a push per entry for big batches
+        for key, positions in by_partition.items():
             partition = self._partitions.get(key)
             if partition is None:
-                partition = self._partitions[key] = _Partition(
-                    self.dim, self.ann_min_rows, self.nprobe, self.seed
-                )
+                partition = self._partitions[key] = VectorPartition(self.dim)
+            group = [entries[p] for p in positions]
+            if embeddings is None:
+                vectors = np.stack([e.embedding for e in group])
+            elif len(positions) == len(entries):
+                vectors = embeddings
+            else:
+                vectors = embeddings[positions]
             labels = np.array([self._label_of[e.entry_id] for e in group], np.int64)
-            partition.add(labels, np.stack([e.embedding for e in group]))
+            list_of = (cached_lists or {}).get(key)
+            lists = (np.array([list_of.get(e.entry_id, -1) for e in group], np.int64)
+                     if list_of else None)
+            partition.add(labels, vectors, [e.embedding for e in group], lists)
 
     def _forget(self, entry_ids: Sequence[str]) -> None:
         by_partition: dict[tuple[str, str], list[int]] = {}
@@ -386,12 +501,133 @@ class EntryIndex:
             entry = self._entries.pop(entry_id)
             label = self._label_of.pop(entry_id)
             del self._id_of_label[label]
+            self._total_tokens -= entry.num_tokens
             by_partition.setdefault((entry.model_id, entry.scope), []).append(label)
         for key, labels in by_partition.items():
             self._partitions[key].remove(np.array(labels, np.int64))
 
-    def _to_arrow(self, entries: Iterable[IndexEntry]) -> pa.Table:
-        entries = list(entries)
+    def _delete_locked(self, entry_ids: Sequence[str]) -> None:
+        """Forget present entries and queue their deletes.
+
+        The delete is queued even for an id never flushed: its append may be in flight.
+        """
+        self._forget(entry_ids)
+        for entry_id in entry_ids:
+            self._pending_upserts.pop(entry_id, None)
+        self._pending_deletes.update(entry_ids)
+
+    def _evict_over_capacity(self) -> list[IndexEntry]:
+        """Delete least recently used entries until within both caps; returns them."""
+        entries_over = len(self._entries) - self.max_entries if self.max_entries else 0
+        tokens_over = self._total_tokens - self.max_tokens if self.max_tokens else 0
+        victims: dict[str, IndexEntry] = {}
+        while entries_over > 0 or tokens_over > 0:
+            last_used_at, entry_id = heapq.heappop(self._lru)
+            entry = self._entries.get(entry_id)
+            if entry is None or entry.last_used_at != last_used_at or entry_id in victims:
+                continue  # stale: removed, reused since, or already chosen
+            victims[entry_id] = entry
+            entries_over -= 1
+            tokens_over -= entry.num_tokens
+        if victims:
+            self._delete_locked(list(victims))
+            self._evicted += len(victims)
+        return list(victims.values())
+
+    def _shrink_lru_heap(self) -> None:
+        """Rebuild the LRU heap once stale items outnumber live ones (hits add items)."""
+        if len(self._lru) > 2 * len(self._entries) + 1024:
+            self._lru = [(e.last_used_at, i) for i, e in self._entries.items()]
+            heapq.heapify(self._lru)
+
+    def _training_due(self) -> bool:
+        return any(p.needs_training(self.ann_min_rows) for p in self._partitions.values())
+
+    # ------------------------------------------------ LanceDB (write lock held)
+    def _flush_if_due(self) -> None:
+        if not self.auto_flush:
+            return
+        with self._lock:
+            due = (len(self._pending_upserts) + len(self._pending_deletes) >= self.flush_rows
+                   or self._training_due())
+        if due:
+            self.flush()
+
+    def _write_queue_locked(self) -> int:
+        with self._lock:
+            upserts, self._pending_upserts = self._pending_upserts, {}
+            deletes, self._pending_deletes = self._pending_deletes, set()
+            # Copies, so hits recorded during the write do not change rows mid-conversion.
+            known = [copy.copy(e) for i, e in upserts.items() if i in self._persisted]
+            new = [copy.copy(e) for i, e in upserts.items() if i not in self._persisted]
+        try:
+            if deletes:
+                self._table.delete(_in_list("entry_id", deletes))
+                with self._lock:
+                    self._persisted.difference_update(deletes)
+            if known:
+                # A merge joins against the whole table, so only rows that may exist
+                # (hit counts, replacements) go through it; new rows are appended.
+                (self._table.merge_insert("entry_id")
+                 .when_matched_update_all()
+                 .when_not_matched_insert_all()
+                 .execute(self._to_arrow(known)))
+            if new:
+                self._table.add(self._to_arrow(new))
+                with self._lock:
+                    self._persisted.update(e.entry_id for e in new)
+        except BaseException:
+            self._requeue(upserts, deletes)
+            raise
+        return len(deletes) + len(upserts)
+
+    def _requeue(self, upserts: dict[str, IndexEntry], deletes: set[str]) -> None:
+        """Queue again the changes of a failed write that no later call superseded."""
+        with self._lock:
+            for entry_id, entry in upserts.items():
+                if self._entries.get(entry_id) is entry:
+                    self._pending_upserts.setdefault(entry_id, entry)
+            for entry_id in deletes:
+                if entry_id not in self._entries:
+                    self._pending_deletes.add(entry_id)
+
+    def _train_due_locked(self) -> None:
+        """Train IVF for due partitions without the mirror lock, then swap it in."""
+        with self._lock:
+            due = [(key, partition, partition.snapshot())
+                   for key, partition in self._partitions.items()
+                   if partition.needs_training(self.ann_min_rows)]
+        for (model_id, scope), partition, snapshot in due:
+            started = time.perf_counter()
+            labels = np.fromiter((label for label, _ in snapshot), np.int64, len(snapshot))
+            vectors = np.stack([vector for _, vector in snapshot])
+            ivf = build_ivf(train_centroids(vectors, self.seed), len(snapshot), self.nprobe)
+            ivf.add(labels, vectors)
+            with self._lock:
+                partition.use_ivf(ivf, built_from=set(labels.tolist()))
+            logger.info("trained IVF (%d lists) for %s/%s over %d entries in %.1f s",
+                        ivf.index.nlist, model_id, scope or "<public>", len(snapshot),
+                        time.perf_counter() - started)
+        if due:
+            self._save_ivf_cache_locked()
+
+    def _save_ivf_cache_locked(self) -> None:
+        # With nothing queued (and no flush in flight: the write lock is held) the mirror
+        # equals the table at this version, so the cached lists are exact for it.
+        version = self._table.version
+        with self._lock:
+            if self._pending_upserts or self._pending_deletes:
+                version = None
+            partitions = {}
+            for key, partition in self._partitions.items():
+                if partition.ivf is not None:
+                    labels, lists = partition.ivf_assignments()
+                    ids = [self._id_of_label[label] for label in labels.tolist()]
+                    partitions[key] = (partition.ivf, ids, lists)
+        if partitions:
+            save_ivf_cache(self.path, version, partitions)
+
+    def _to_arrow(self, entries: Sequence[IndexEntry]) -> pa.Table:
         vectors = np.stack([e.embedding for e in entries]) if entries else np.zeros((0, self.dim))
         return pa.table(
             {
@@ -408,9 +644,39 @@ class EntryIndex:
                 "created_at": pa.array([e.created_at for e in entries], pa.float64()),
                 "last_hit_at": pa.array([e.last_hit_at for e in entries], pa.float64()),
                 "hit_count": pa.array([e.hit_count for e in entries], pa.int64()),
+                "depth": pa.array([e.depth for e in entries], pa.int32()),
+                "exact_tokens": pa.array([e.exact_tokens for e in entries], pa.int32()),
             },
             schema=_schema(self.dim),
         )
+
+
+def _entries_from_arrow(table: pa.Table, dim: int) -> tuple[list[IndexEntry], np.ndarray]:
+    """Rows as entries, and their embeddings stacked (``[rows, dim]`` float32).
+
+    Each entry's embedding is a row of that array and its token ids a slice of the
+    table's Arrow buffer: no copy per row, and no Python int per token.
+    """
+    vectors = [chunk.flatten().to_numpy() for chunk in table.column("vector").chunks]
+    embeddings = (vectors[0] if len(vectors) == 1 else
+                  np.concatenate(vectors) if vectors else np.zeros(0, np.float32))
+    embeddings = embeddings.reshape(-1, dim)
+    token_ids: list[np.ndarray] = []
+    for chunk in table.column("token_ids").chunks:
+        values = chunk.values.to_numpy()
+        offsets = chunk.offsets.to_numpy().tolist()
+        token_ids.extend(values[start:end] for start, end in zip(offsets[:-1], offsets[1:]))
+    columns = [table.column(name).to_pylist() for name in (
+        "entry_id", "model_id", "scope", "text_preview", "chunk_keys", "created_at",
+        "last_hit_at", "hit_count", "depth", "exact_tokens")]
+    entries = [
+        IndexEntry(entry_id, model_id, scope, embedding, tokens, preview, keys, created_at,
+                   last_hit_at, hit_count, depth, exact_tokens)
+        for (entry_id, model_id, scope, preview, keys, created_at, last_hit_at, hit_count,
+             depth, exact_tokens), embedding, tokens
+        in zip(zip(*columns), embeddings, token_ids)
+    ]
+    return entries, embeddings
 
 
 def _in_list(column: str, values: Iterable[str]) -> str:
