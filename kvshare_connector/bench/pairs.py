@@ -11,6 +11,10 @@ Two sources, both real ShareGPT first user turns:
   delete a clause. Edits are pure functions of (text, random.Random) so pairs are
   deterministic for a seed.
 
+The quality benchmark draws both kinds by seed (:func:`draw`, :func:`edit_pairs`), so a
+seed names a fixed set of pairs, and the pairs of tuning seeds can be left out of a
+held-out seed's set.
+
 Nothing here imports torch or vLLM.
 """
 
@@ -171,7 +175,8 @@ def token_overlap(earlier: Sequence[int], later: Sequence[int]) -> float:
 def similar_pairs(texts: Sequence[str], token_ids: Sequence[np.ndarray], embeddings: np.ndarray,
                   count: int, *, min_tokens: int, max_tokens: int,
                   min_similarity: float = 0.95, min_token_overlap: float = 0.5) -> list[Pair]:
-    """The first ``count`` (nearest earlier, later) pairs of a stream, in stream order.
+    """The first ``count`` (nearest earlier, later) pairs of a stream, in stream order
+    (``count >= len(texts)``: all of them, for :func:`draw`).
 
     ``texts``/``token_ids``/``embeddings`` are the stream's prompts in arrival order.
     Each prompt is used at most once (as earlier or later), so pairs are independent.
@@ -196,6 +201,18 @@ def similar_pairs(texts: Sequence[str], token_ids: Sequence[np.ndarray], embeddi
         if len(pairs) == count:
             break
     return pairs
+
+
+def draw(pairs: Sequence[Pair], count: int, seed: int, exclude: set[str] | None = None
+         ) -> list[Pair]:
+    """``count`` of ``pairs`` drawn by ``seed`` (uniformly, without replacement), none
+    with a prompt in ``exclude``, in their original order. The same seed always draws the
+    same pairs, so tuning and held-out seeds name fixed pair sets."""
+    exclude = exclude or set()
+    allowed = [i for i, pair in enumerate(pairs)
+               if pair.earlier not in exclude and pair.later not in exclude]
+    chosen = sorted(random.Random(seed).sample(allowed, min(count, len(allowed))))
+    return [pairs[i] for i in chosen]
 
 
 def edit_pairs(texts: Sequence[str], token_counts: Sequence[int], count: int, seed: int, *,

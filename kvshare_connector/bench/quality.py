@@ -1,67 +1,110 @@
 """``kvshare bench quality``: how close reused-KV answers stay to full compute.
 
-Pairs (earlier prompt, similar later prompt) of real ShareGPT user turns, see
-:mod:`kvshare.bench.pairs`, are wrapped in the model's chat template. For every system
-the earlier prompt is sent first (so it is cached), then the later one; its 64 greedy
-tokens are compared with the *reference*: vanilla vLLM's greedy output for the later
-prompt, prefilled in one step.
+Pairs (earlier prompt, similar later prompt) of real ShareGPT user turns, drawn by
+``--seed`` (see :mod:`kvshare.bench.pairs`), are wrapped in the model's chat template.
+For every system the earlier prompt is sent first (so it is cached), then the later one.
+The *reference* is vanilla vLLM on the later prompt, prefilled in one step.
+
+Two measurements per system and pair:
+
+* greedy: the later prompt's 64 greedy tokens against the reference's 64 (ROUGE-L F1,
+  exact match, first token). One flipped token changes everything after it, so on a 135M
+  model these scores are noisy;
+* teacher-forced (:mod:`kvshare.bench.teacher_forcing`): the later prompt followed by the
+  reference's 64 tokens, each system scoring its next-token distribution at every one of
+  those positions against the reference's (mean KL(full || system) per token, top-1
+  agreement). This request has its own ``cache_salt``, with the earlier prompt sent again
+  first, so it sees the same caches as the greedy request; the connector is told the
+  real prompt's length and claims as for it (the JSON counts pairs where the two claims
+  differ).
 
 Systems (each pair gets its own ``cache_salt``, so pairs never reuse each other):
 
-* ``kvshare``: the connector with DHD selective recompute at ``--rho``.
+* ``kvshare``: the connector as configured (``--config``, ``--set``; ``--rho``).
+* ``kvshare_tailkv``: the same with ``recompute_tail_by: kvshare`` (the fill recomputes
+  the prompt's tail instead of leaving it to vLLM).
 * ``naive``: the connector recomputing only placeholders and boundaries
-  (``check_layers=[]``).
+  (``check_layers=[]``, rho 0).
 * ``cacheblend``: the connector with the ``chunk256`` planner (exact 256-token chunks at
   any position, LMCache/CacheBlend style) and 15% deviation recompute.
-* ``gptcache``: the earlier prompt's vanilla answer, returned as is.
+* ``gptcache``: the earlier prompt's vanilla answer, returned as is (greedy only).
 * ``prefix``: vanilla vLLM with prefix caching, earlier prompt sent first.
-* ``split``: vanilla vLLM prefilling the later prompt as N-1 tokens then 1 (what the
-  connector's fills look like to vLLM): vLLM's own numerical noise floor.
+* ``split``: vanilla vLLM prefilling the later prompt as N-1 tokens, then the last one:
+  what a fill to the last token (``recompute_tail_by: kvshare``) looks like to vLLM.
+* ``split_tail``: vanilla vLLM prefilling the first N-1-``recompute_tail_tokens``
+  tokens, then the rest: what a fill that leaves the tail to vLLM looks like.
+  The splits are vLLM's own numerical noise floor for the matching connector systems.
 
-Metrics per system: mean ROUGE-L F1 vs the reference, exact-match rate (all 64 tokens),
-first-token agreement, recomputed-token fraction (prompt tokens the model computed for
-the later request: from the connector's per-request load report and vLLM's cached-token
-count), median TTFT of the later request. ``--sweep`` adds kvshare at several rho values
-and plots quality against TTFT.
+Every connector system's config is the YAML base with its own overrides on top, passed
+to its engine in full and recorded in the JSON (:mod:`kvshare.bench.engine_config`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from kvshare.bench.engine_config import add_config_arguments
+from kvshare.bench.reuse import RequestReuse
+from kvshare.bench.teacher_forcing import PositionScore, Row, summarize
 from kvshare.bench.workload import add_prompt_length_arguments, check_prompt_lengths
+
+if TYPE_CHECKING:
+    from kvshare.bench.vllm_runner import Req, Result
+    from kvshare.config import KVShareConfig
 
 logger = logging.getLogger(__name__)
 
-SYSTEMS = ("kvshare", "naive", "cacheblend", "gptcache", "prefix", "split")
-CONNECTOR_SYSTEMS = ("kvshare", "naive", "cacheblend")
+SYSTEMS = ("kvshare", "kvshare_tailkv", "naive", "cacheblend", "gptcache", "prefix", "split",
+           "split_tail")
+DEFAULT_SYSTEMS = tuple(s for s in SYSTEMS if s != "kvshare_tailkv")
+CONNECTOR_SYSTEMS = ("kvshare", "kvshare_tailkv", "naive", "cacheblend")
+SPLIT_SYSTEMS = ("split", "split_tail")
 SWEEP_RHOS = (0.0, 0.05, 0.15, 0.3, 1.0)
 CACHEBLEND_RHO = 0.15
 MAX_TOKENS = 64
-METRIC_KEYS = ("rouge_l", "exact_match", "first_token_agree", "recompute_fraction")
+REFERENCE_TOP_K = 500
+"""Full compute's most likely tokens per forced position that KL is measured over (plus
+one rest bucket). On SmolLM2-135M they hold about 97% of the probability on average
+(93-99% per prompt on the first pairs; 100 tokens: 83-97%)."""
+SYSTEM_TOP_K = 1000
+"""How deep vLLM ranks each system's tokens to find the reference's top tokens among them
+(a reference token outside them counts in the rest bucket, on both sides)."""
+CHECK_PAIRS = 2
+"""Pairs on which vanilla vLLM is scored against itself (must give KL 0 and top-1 100%)."""
+METRIC_KEYS = ("rouge_l", "exact_match", "first_token_agree", "recompute_fraction",
+               "kl_mean", "top1_agree", "fallbacks")
 
 
 EPILOG = """\
 systems (each pair has its own cache_salt, so pairs never reuse each other):
-  kvshare     the connector, DHD selective recompute at --rho
-  naive       the connector recomputing only placeholders and boundaries
-  cacheblend  the connector, exact 256-token chunks at any position + 15% recompute
-  gptcache    the earlier prompt's answer, returned as is
-  prefix      vanilla vLLM with prefix caching (earlier prompt sent first)
-  split       vanilla vLLM prefilling the later prompt as N-1 tokens then 1: the
-              numerical noise floor (kvshare's fills look like this to vLLM)
-reference: vanilla vLLM's 64 greedy tokens for the later prompt, one-step prefill.
+  kvshare         the connector as configured (--config, --set, --rho)
+  kvshare_tailkv  the same with recompute_tail_by=kvshare (not run by default)
+  naive           the connector recomputing only placeholders and boundaries
+  cacheblend      the connector, exact 256-token chunks at any position + 15% recompute
+  gptcache        the earlier prompt's answer, returned as is
+  prefix          vanilla vLLM with prefix caching (earlier prompt sent first)
+  split           vanilla vLLM prefilling the later prompt as N-1 tokens, then 1
+  split_tail      vanilla vLLM prefilling N-1-recompute_tail_tokens tokens, then the rest
+reference: vanilla vLLM on the later prompt, one-step prefill.
+greedy: 64 greedy tokens vs the reference's (ROUGE-L, exact match, first token).
+teacher-forced: the reference's 64 tokens appended to the prompt; per position
+KL(full || system) over the reference's top tokens + a rest bucket, and top-1 agreement.
 Each engine runs in its own child process, one after the other (~30-120 s to start).
 
-example: kvshare bench quality --pairs 16 --rho 0.15 --sweep --json results/quality.json
+protocol: choose defaults on tuning seeds, report on a held-out one:
+  kvshare bench quality --pairs 40 --seed 1 ...   and --seed 2 (tuning)
+  kvshare bench quality --pairs 40 --seed 7 --exclude-seeds 1,2 --sweep \\
+      --json results/quality.json                  (held out, the figures)
 """
 
 
@@ -70,23 +113,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.add_argument("--pairs", type=int, default=16, metavar="N",
                         help="number of prompt pairs: half from the ShareGPT similar stream, "
-                             "half paper-style edits of real prompts (default: 16, about "
-                             "10 min on 2 CPU cores)")
-    parser.add_argument("--rho", type=float, default=0.15, metavar="R",
-                        help="kvshare's DHD recompute share in [0, 1] (default: 0.15)")
+                             "half paper-style edits of real prompts (default: 16)")
+    parser.add_argument("--rho", type=float, default=None, metavar="R",
+                        help="kvshare's DHD recompute share in [0, 1] (default: the config's "
+                             "rho)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="seed for choosing and editing the edit pairs (default: 0)")
-    parser.add_argument("--systems", default=",".join(SYSTEMS),
-                        help="comma-separated systems to run "
-                             f"(default: all of {','.join(SYSTEMS)})")
+                        help="seed that draws the pairs (both kinds) and the edits "
+                             "(default: 0)")
+    parser.add_argument("--exclude-seeds", default="", metavar="S,S",
+                        help="leave out every prompt of the pairs these seeds draw (with the "
+                             "same --pairs): the tuning seeds, when reporting on a held-out "
+                             "one")
+    parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                        help=f"comma-separated systems to run, from {','.join(SYSTEMS)} "
+                             f"(default: {','.join(DEFAULT_SYSTEMS)})")
     parser.add_argument("--sweep", action="store_true",
-                        help=f"also run kvshare at rho in {list(SWEEP_RHOS)} and plot ROUGE-L "
-                             "against TTFT (one more set of requests on the kvshare engine)")
+                        help=f"also run kvshare at rho in {list(SWEEP_RHOS)} and plot quality "
+                             "against TTFT (more requests on the kvshare engine)")
     add_prompt_length_arguments(parser, 64, 768)
     parser.add_argument("--min-reuse-fraction", type=float, default=0.0,
                         help="connector systems claim a plan reusing at least this share of "
                              "the prompt (default: 0.0: reuse whatever the planner finds, so "
                              "quality is measured on every pair)")
+    add_config_arguments(parser)
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON")
     parser.add_argument("--out", type=Path, default=Path("results/quality"),
                         help="directory for the markdown table, per-pair outputs and the sweep "
@@ -114,52 +163,72 @@ def _scorer(module):
     return _SCORER
 
 
-def recompute_fraction(prompt_tokens: int, num_cached_tokens: int, report: dict | None) -> float:
-    """Share of the prompt the model computed: vLLM's own part plus connector recompute.
-
-    ``num_cached_tokens`` counts vLLM's prefix hit and the connector's claim; of the
-    claim, the load report's ``recomputed`` tokens were computed by kvshare's engine.
-    """
-    if prompt_tokens <= 0:
-        raise ValueError(f"prompt_tokens must be > 0, got {prompt_tokens}")
-    computed = prompt_tokens - num_cached_tokens
-    if report:
-        computed += int(report.get("recomputed", 0))
-    return min(1.0, max(0.0, computed / prompt_tokens))
-
-
 @dataclass
 class Outcome:
-    """One system's answer to one later prompt."""
+    """One system on one later prompt: its greedy answer and, when measured, its scores
+    on the teacher-forced continuation."""
 
     output_ids: list[int]
     text: str
-    recompute_fraction: float
+    reuse: RequestReuse | None
+    """What the greedy request reused; None for gptcache (no model ran)."""
     ttft_s: float | None = None
-    claimed: bool = False
     first_logprob: float | None = None
+    forced: list[PositionScore] | None = None
+    """Teacher-forced scores, one per continuation position (None: not measured)."""
+    forced_reuse: RequestReuse | None = None
+    """What the teacher-forced request reused (its prompt includes the continuation)."""
+
+    @property
+    def fallbacks(self) -> int:
+        """Requests of this outcome whose selective fill fell back to full recompute."""
+        return sum(bool(r and r.fallback) for r in (self.reuse, self.forced_reuse))
+
+    @property
+    def claim_differs(self) -> bool:
+        """The teacher-forced request was claimed differently from the greedy one."""
+        return (self.forced_reuse is not None and self.reuse is not None
+                and self.forced_reuse.claimed != self.reuse.claimed)
 
 
 def score(outcomes: Sequence[Outcome], references: Sequence[Outcome]) -> dict:
-    """Mean metrics of ``outcomes`` against ``references`` (same order, same pairs)."""
+    """Mean metrics of ``outcomes`` against ``references`` (same order, same pairs).
+
+    ``recompute_fraction``: prompt tokens the model computed (vLLM or kvshare), i.e. 1 -
+    reused share, where reused = vLLM's prefix hit + claimed tokens loaded and not
+    recomputed (gptcache: 0, no model ran). Teacher-forced keys are None unless every
+    outcome was teacher-forced.
+    """
     if len(outcomes) != len(references):
         raise ValueError(f"{len(outcomes)} outcomes for {len(references)} references")
     if not outcomes:
         return {key: None for key in METRIC_KEYS}
     n = len(outcomes)
+    pairs = list(zip(outcomes, references))
     ttfts = [o.ttft_s for o in outcomes if o.ttft_s is not None]
     # Drift of the first token's log-probability where both chose the same first token.
-    drift = [abs(o.first_logprob - r.first_logprob) for o, r in zip(outcomes, references)
+    drift = [abs(o.first_logprob - r.first_logprob) for o, r in pairs
              if o.first_logprob is not None and r.first_logprob is not None
              and o.output_ids[:1] == r.output_ids[:1]]
+    reuses = [o.reuse for o in outcomes]
+    forced = (summarize(s for o in outcomes for s in o.forced)
+              if all(o.forced is not None for o in outcomes) else None)
     return {
-        "rouge_l": sum(rouge_l(o.text, r.text) for o, r in zip(outcomes, references)) / n,
-        "exact_match": sum(o.output_ids == r.output_ids for o, r in zip(outcomes, references)) / n,
+        "rouge_l": sum(rouge_l(o.text, r.text) for o, r in pairs) / n,
+        "exact_match": sum(o.output_ids == r.output_ids for o, r in pairs) / n,
         "first_token_agree": sum(bool(o.output_ids) and bool(r.output_ids)
-                                 and o.output_ids[0] == r.output_ids[0]
-                                 for o, r in zip(outcomes, references)) / n,
-        "recompute_fraction": sum(o.recompute_fraction for o in outcomes) / n,
-        "claimed_fraction": sum(o.claimed for o in outcomes) / n,
+                                 and o.output_ids[0] == r.output_ids[0] for o, r in pairs) / n,
+        "kl_mean": forced.kl_mean if forced else None,
+        "top1_agree": forced.top1_agree if forced else None,
+        "kl_rest_mass": forced.rest_mass_mean if forced else None,
+        "forced_positions": forced.positions if forced else 0,
+        "recompute_fraction": sum(r.computed_fraction if r else 0.0 for r in reuses) / n,
+        "reused_fraction": (sum(r.reused_fraction for r in reuses) / n
+                            if all(reuses) else None),
+        "claimed_fraction": sum(bool(r and r.claimed) for r in reuses) / n,
+        "fallbacks": sum(o.fallbacks for o in outcomes),
+        "requests": sum((o.reuse is not None) + (o.forced_reuse is not None) for o in outcomes),
+        "forced_claim_mismatches": sum(o.claim_differs for o in outcomes),
         "ttft_median_s": statistics.median(ttfts) if ttfts else None,
         "first_logprob_max_abs_diff": max(drift) if drift else None,
         "pairs": n,
@@ -173,18 +242,30 @@ def unavailable(name: str, error: str) -> dict:
 
 # ------------------------------------------------------------------------ run
 def run(args: argparse.Namespace) -> int:
+    from kvshare.bench.engine_config import base_config, ignored_environment
+
     systems = _parse_systems(args.systems)
     if args.pairs < 2:
         raise SystemExit(f"--pairs must be >= 2 (half similar, half edits), got {args.pairs}")
-    if not 0.0 <= args.rho <= 1.0:
+    if args.rho is not None and not 0.0 <= args.rho <= 1.0:
         raise SystemExit(f"--rho must be in [0, 1], got {args.rho}")
     if not 0.0 <= args.min_reuse_fraction <= 1.0:
         raise SystemExit(
             f"--min-reuse-fraction must be in [0, 1], got {args.min_reuse_fraction}")
+    excluded = _parse_seeds(args.exclude_seeds)
+    if args.seed in excluded:
+        raise SystemExit(f"--seed {args.seed} is also in --exclude-seeds {args.exclude_seeds}")
     check_prompt_lengths(args)
+    base = base_config(args.config, args.sets)
+    ignored = ignored_environment()
+    if ignored:
+        print(f"quality: ignoring {', '.join(ignored)} (systems take their config from "
+              "--config and --set only)")
     started = time.perf_counter()
-    prepared = prepare_pairs(args)
-    results = run_systems(prepared, systems, args)
+    prepared = prepare_pairs(args, base, excluded)
+    results = run_systems(prepared, systems, args, base)
+    results["excluded_seeds"] = excluded
+    results["ignored_environment"] = ignored
     results["wall_s"] = time.perf_counter() - started
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -212,6 +293,14 @@ def _parse_systems(value: str) -> list[str]:
     return systems
 
 
+def _parse_seeds(value: str) -> list[int]:
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise SystemExit(f"--exclude-seeds expects integers separated by commas, got "
+                         f"{value!r}") from None
+
+
 @dataclass
 class PreparedPair:
     pair_id: str
@@ -221,27 +310,35 @@ class PreparedPair:
     later_ids: list[int]
 
 
-def prepare_pairs(args: argparse.Namespace) -> list[PreparedPair]:
-    """Real pairs (half similar stream, half edits), in chat-template token ids."""
-    from kvshare.bench.pairs import edit_pairs, similar_pairs
+def prepare_pairs(args: argparse.Namespace, config: KVShareConfig,
+                  excluded_seeds: Sequence[int] = ()) -> list[PreparedPair]:
+    """Real pairs drawn by ``args.seed`` (half similar stream, half edits), in
+    chat-template token ids; no prompt of the pairs ``excluded_seeds`` draw."""
+    from kvshare.bench.pairs import Pair, draw, edit_pairs, similar_pairs
     from kvshare.bench.workload import load_workload
-    from kvshare.config import KVShareConfig
     from kvshare.matching.embedder import make_embedder
     from kvshare.model_assets import load_tokenizer
 
-    config = KVShareConfig.load(args.config)
     tokenizer = load_tokenizer(config.model)
     embedder = make_embedder(config.embedder, config.embed_max_chars)
     workload = load_workload(config, embedder, tokenizer)
     stream = workload.similar_positions()
-    n_similar = args.pairs // 2
-    pairs = similar_pairs([workload.texts[p] for p in stream],
-                          [workload.token_ids[p] for p in stream], workload.embeddings[stream],
-                          n_similar, min_tokens=args.min_tokens, max_tokens=args.max_tokens)
-    used = {text for pair in pairs for text in (pair.earlier, pair.later)}
-    pairs += edit_pairs(workload.texts, [len(t) for t in workload.token_ids],
-                        args.pairs - len(pairs), args.seed, min_tokens=args.min_tokens,
-                        max_tokens=args.max_tokens, exclude=used)
+    candidates = similar_pairs([workload.texts[p] for p in stream],
+                               [workload.token_ids[p] for p in stream],
+                               workload.embeddings[stream], len(stream),
+                               min_tokens=args.min_tokens, max_tokens=args.max_tokens)
+    counts = [len(t) for t in workload.token_ids]
+
+    def pairs_of(seed: int, exclude: set[str]) -> list[Pair]:
+        pairs = draw(candidates, args.pairs // 2, seed, exclude)
+        used = exclude | {text for pair in pairs for text in (pair.earlier, pair.later)}
+        return pairs + edit_pairs(workload.texts, counts, args.pairs - len(pairs), seed,
+                                  min_tokens=args.min_tokens, max_tokens=args.max_tokens,
+                                  exclude=used)
+
+    excluded = {text for seed in excluded_seeds for pair in pairs_of(seed, set())
+                for text in (pair.earlier, pair.later)}
+    pairs = pairs_of(args.seed, excluded)
     if len(pairs) < args.pairs:
         logger.warning("found only %d of %d pairs within %d..%d tokens", len(pairs), args.pairs,
                        args.min_tokens, args.max_tokens)
@@ -256,133 +353,230 @@ def chat_ids(tokenizer, user_text: str) -> list[int]:
     return [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
 
 
-def split_filler(token: int, budget: int, prompt_tokens: int) -> list[int]:
-    """A filler prompt that makes vLLM prefill a ``prompt_tokens`` request as N-1, then 1.
+def split_filler(token: int, budget: int, head_tokens: int) -> list[int]:
+    """A filler prompt that makes vLLM prefill a request's first ``head_tokens`` tokens in
+    one step and the rest of it in the next.
 
     The filler is queued first. vLLM's EngineCore runs in its own process and may start a
     step before the request arrives, so the filler is two steps long: it takes the whole
     first step (``budget`` tokens) whether or not the request is already queued, and in
-    the second it leaves exactly ``prompt_tokens - 1`` of the budget to the request; the
-    request's last token is then prefilled in the third step, alone (the filler finishes
-    with one output token).
+    the second it leaves exactly ``head_tokens`` of the budget to the request; the rest
+    of the request (at most ``budget`` tokens) is prefilled in the third step, alone (the
+    filler finishes with one output token).
     """
-    if not 2 <= prompt_tokens <= budget:
-        raise ValueError(f"need 2 <= prompt_tokens <= budget, got {prompt_tokens} and {budget}")
-    return [token] * (2 * budget - (prompt_tokens - 1))
+    if not 1 <= head_tokens < budget:
+        raise ValueError(f"need 1 <= head_tokens < budget, got {head_tokens} and {budget}")
+    return [token] * (2 * budget - head_tokens)
 
 
-def connector_config(system: str, rho: float, home: str, min_reuse_fraction: float) -> dict:
-    """``kv_connector_extra_config`` of a connector system."""
-    base = {"home": home, "min_reuse_fraction": min_reuse_fraction, "min_reuse_tokens": 1}
+def split_heads(config: KVShareConfig) -> dict[str, Callable[[int], int]]:
+    """Tokens the first step of each split system prefills, for an N-token prompt: where
+    the connector's claim would end with the tail computed by kvshare (``split``: N-1) or
+    by vLLM (``split_tail``), by the one claim rule."""
+    from kvshare.matching.claim import claim_end
+
+    by_kvshare = dataclasses.replace(config, recompute_tail_by="kvshare")
+    by_vllm = dataclasses.replace(config, recompute_tail_by="vllm")
+    return {"split": lambda n: claim_end(n, by_kvshare),
+            "split_tail": lambda n: claim_end(n, by_vllm)}
+
+
+def matching_split(connector: dict[str, Any]) -> str:
+    """The vanilla split whose prefill cut is the one a connector system's fills have."""
+    return "split" if connector["recompute_tail_by"] == "kvshare" else "split_tail"
+
+
+def connector_overrides(system: str, rho: float | None, home: str,
+                        min_reuse_fraction: float) -> dict[str, Any]:
+    """What a connector system sets on top of the base config."""
+    bench = {"home": home, "min_reuse_fraction": min_reuse_fraction, "min_reuse_tokens": 1}
+    own = {"rho": rho} if rho is not None else {}
     if system == "kvshare":
-        return {**base, "rho": rho}
+        return {**bench, **own}
+    if system == "kvshare_tailkv":
+        return {**bench, **own, "recompute_tail_by": "kvshare"}
     if system == "naive":
-        return {**base, "rho": 0.0, "check_layers": []}
+        return {**bench, "rho": 0.0, "check_layers": []}
     if system == "cacheblend":
-        return {**base, "rho": CACHEBLEND_RHO, "planner": "chunk256"}
+        return {**bench, "rho": CACHEBLEND_RHO, "planner": "chunk256"}
     raise ValueError(f"{system!r} is not a connector system; choose from {CONNECTOR_SYSTEMS}")
 
 
-def run_systems(pairs: list[PreparedPair], systems: list[str], args) -> dict:
-    from kvshare.bench.vllm_runner import EngineSpec, EngineUnavailable, Req, run_engine
-    from kvshare.config import KVShareConfig
-    from kvshare.model_assets import resolve_model_dir
+def _key(system: str, pair_id: str, rho: float | None = None) -> str:
+    return f"{system}/{pair_id}" if rho is None else f"{system}/{rho:g}/{pair_id}"
 
-    config = KVShareConfig.load(args.config)
-    model_dir = str(resolve_model_dir(config.model, config.home_dir))
-    longest = max(len(p.later_ids) for p in pairs)
-    # One step holds the longest later prompt; the split filler spans two steps.
-    budget = longest + 1
-    spec_kwargs = dict(model_dir=model_dir, max_num_batched_tokens=budget,
-                       max_model_len=max(2048, 2 * budget + MAX_TOKENS))
-    filler_token = pairs[0].earlier_ids[-2]
 
-    # Vanilla engine: reference, gptcache, prefix and split in one start.
-    vanilla: list[Req] = []
-    for p in pairs:
-        vanilla.append(Req(f"ref/{p.pair_id}", p.later_ids, MAX_TOKENS, salt=f"ref/{p.pair_id}"))
+def _forced_req(key: str, prompt: list[int], pair_id: str, **kwargs) -> Req:
+    """The teacher-forced request of ``key``: the reference's continuation appended, scored
+    against the reference's rows, in its own cache scope."""
+    from kvshare.bench.vllm_runner import Req
+
+    return Req(f"tf/{key}", prompt, 1, salt=f"tf/{key}", forced_from=f"later/ref/{pair_id}",
+               top_k=SYSTEM_TOP_K, reference_from=f"tf/ref/{pair_id}", **kwargs)
+
+
+def vanilla_requests(pairs: Sequence[PreparedPair], systems: Sequence[str], budget: int,
+                     heads: dict[str, Callable[[int], int]], filler_token: int) -> list[Req]:
+    """Requests of the vanilla engine: the reference (greedy, then its teacher-forced rows),
+    the self-check, and the vanilla systems, each greedy and teacher-forced."""
+    from kvshare.bench.vllm_runner import Req
+
+    requests: list[Req] = []
+    for i, p in enumerate(pairs):
+        ref = _key("ref", p.pair_id)
+        requests += [
+            Req(f"later/{ref}", p.later_ids, MAX_TOKENS, salt=ref),
+            Req(f"tf/{ref}", p.later_ids, 1, salt=f"tf/{ref}", forced_from=f"later/{ref}",
+                top_k=REFERENCE_TOP_K)]
+        if i < CHECK_PAIRS:
+            requests.append(_forced_req(_key("vanilla", p.pair_id), p.later_ids, p.pair_id))
         if "gptcache" in systems or "prefix" in systems:
             # The earlier prompt's full answer is GPTCache's stale answer; sent under the
             # prefix system's salt, it also fills the prefix cache for the later prompt.
-            vanilla.append(Req(f"earlier/{p.pair_id}", p.earlier_ids,
-                               MAX_TOKENS if "gptcache" in systems else 1,
-                               salt=f"prefix/{p.pair_id}"))
+            key = _key("prefix", p.pair_id)
+            requests.append(Req(f"earlier/{key}", p.earlier_ids,
+                                MAX_TOKENS if "gptcache" in systems else 1, salt=key))
         if "prefix" in systems:
-            vanilla.append(Req(f"prefix/{p.pair_id}", p.later_ids, MAX_TOKENS,
-                               salt=f"prefix/{p.pair_id}"))
-        if "split" in systems:
-            vanilla.append(Req(f"split/{p.pair_id}", p.later_ids, MAX_TOKENS,
-                               salt=f"split/{p.pair_id}",
-                               filler_ids=split_filler(filler_token, budget, len(p.later_ids))))
-    print(f"quality: {len(pairs)} pairs, systems {', '.join(systems)}; vanilla engine "
-          f"({len(vanilla)} requests)")
+            key = _key("prefix", p.pair_id)
+            requests += [Req(f"later/{key}", p.later_ids, MAX_TOKENS, salt=key),
+                         Req(f"earlier/tf/{key}", p.earlier_ids, 1, salt=f"tf/{key}"),
+                         _forced_req(key, p.later_ids, p.pair_id)]
+        for name in SPLIT_SYSTEMS:
+            if name in systems:
+                key = _key(name, p.pair_id)
+                head = heads[name](len(p.later_ids))
+                # A prompt too short to claim anything is prefilled in one step, as with
+                # the connector.
+                filler = split_filler(filler_token, budget, head) if head else None
+                requests += [Req(f"later/{key}", p.later_ids, MAX_TOKENS, salt=key,
+                                 filler_ids=filler),
+                             _forced_req(key, p.later_ids, p.pair_id, filler_ids=filler)]
+    return requests
+
+
+def connector_requests(pairs: Sequence[PreparedPair], name: str, rhos: Sequence[float | None]
+                       ) -> list[Req]:
+    """Requests of a connector engine: per rho (None: the config's) and pair, the earlier
+    prompt then the later one greedy, and again in a second scope with the later one
+    teacher-forced."""
+    from kvshare.bench.vllm_runner import Req
+
+    requests: list[Req] = []
+    for rho in rhos:
+        for p in pairs:
+            key = _key(name, p.pair_id, rho)
+            requests += [Req(f"earlier/{key}", p.earlier_ids, 1, salt=key, rho=rho),
+                         Req(f"later/{key}", p.later_ids, MAX_TOKENS, salt=key, rho=rho),
+                         Req(f"earlier/tf/{key}", p.earlier_ids, 1, salt=f"tf/{key}", rho=rho),
+                         _forced_req(key, p.later_ids, p.pair_id, rho=rho)]
+    return requests
+
+
+def outcome(results: dict[str, Result], key: str, pair: PreparedPair,
+            teacher_forced: bool = True) -> Outcome:
+    """The outcome of ``key``'s later request and, with ``teacher_forced``, of its
+    teacher-forced twin (scored against the reference)."""
+    later = results[f"later/{key}"]
+    forced = results[f"tf/{key}"] if teacher_forced else None
+    return Outcome(
+        later.output_ids, later.text,
+        RequestReuse.of(len(pair.later_ids), later.num_cached_tokens, later.kvshare),
+        later.ttft_s, later.first_logprob,
+        forced=None if forced is None else [PositionScore(**s) for s in forced.forced_scores],
+        forced_reuse=None if forced is None else RequestReuse.of(
+            len(pair.later_ids) + len(forced.forced_scores), forced.num_cached_tokens,
+            forced.kvshare))
+
+
+def run_systems(pairs: list[PreparedPair], systems: list[str], args: argparse.Namespace,
+                base: KVShareConfig) -> dict:
+    from kvshare.bench.engine_config import connector_config
+    from kvshare.bench.vllm_runner import EngineSpec, EngineUnavailable, run_engine
+    from kvshare.model_assets import resolve_model_dir
+
+    model_dir = str(resolve_model_dir(base.model, base.home_dir))
+    # One step holds the longest later prompt with its forced continuation; the split
+    # fillers span two steps.
+    budget = max(len(p.later_ids) for p in pairs) + MAX_TOKENS + 1
+    spec_kwargs = dict(model_dir=model_dir, max_num_batched_tokens=budget,
+                       max_model_len=max(2048, 2 * budget + MAX_TOKENS),
+                       max_logprobs=SYSTEM_TOP_K)
+    vanilla = vanilla_requests(pairs, systems, budget, split_heads(base),
+                               filler_token=pairs[0].earlier_ids[-2])
+    print(f"quality: {len(pairs)} pairs, seed {args.seed}, systems {', '.join(systems)}; "
+          f"vanilla engine ({len(vanilla)} requests)")
     done = {r.req_id: r for r in run_engine(EngineSpec("vanilla", **spec_kwargs), vanilla)}
 
-    def outcome(result, prompt_len: int, fraction: float | None = None) -> Outcome:
-        frac = (recompute_fraction(prompt_len, result.num_cached_tokens, result.kvshare)
-                if fraction is None else fraction)
-        return Outcome(result.output_ids, result.text, frac, result.ttft_s,
-                       claimed=bool(result.kvshare), first_logprob=result.first_logprob)
-
-    refs = [outcome(done[f"ref/{p.pair_id}"], len(p.later_ids)) for p in pairs]
+    refs = [outcome(done, _key("ref", p.pair_id), p, teacher_forced=False) for p in pairs]
+    reference_rows = [Row.of(ids, values) for p in pairs
+                      for ids, values in zip(done[f"tf/ref/{p.pair_id}"].forced_ids,
+                                             done[f"tf/ref/{p.pair_id}"].forced_logprobs)]
+    check = summarize(PositionScore(**s) for p in pairs[:CHECK_PAIRS]
+                      for s in done[f"tf/vanilla/{p.pair_id}"].forced_scores)
     per_system: dict[str, list[Outcome]] = {}
+    configs: dict[str, dict | None] = {}
     if "gptcache" in systems:
-        per_system["gptcache"] = [outcome(done[f"earlier/{p.pair_id}"], len(p.earlier_ids), 0.0)
-                                  for p in pairs]
-        for o in per_system["gptcache"]:
-            o.ttft_s = None  # a response cache answers without the model
-    for name in ("prefix", "split"):
+        earlier = [done[f"earlier/{_key('prefix', p.pair_id)}"] for p in pairs]
+        per_system["gptcache"] = [Outcome(r.output_ids, r.text, None, None, r.first_logprob)
+                                  for r in earlier]  # a response cache answers without the model
+    for name in ("prefix", *SPLIT_SYSTEMS):
         if name in systems:
-            per_system[name] = [outcome(done[f"{name}/{p.pair_id}"], len(p.later_ids))
-                                for p in pairs]
+            per_system[name] = [outcome(done, _key(name, p.pair_id), p) for p in pairs]
 
     rows: dict[str, dict] = {}
     sweep: dict[str, dict] = {}
     for name in [s for s in systems if s in CONNECTOR_SYSTEMS]:
-        rhos = [args.rho] + ([r for r in SWEEP_RHOS if r != args.rho]
-                             if args.sweep and name == "kvshare" else [])
-        requests: list[Req] = []
-        for rho in rhos:
-            for p in pairs:
-                salt = f"{name}/{rho}/{p.pair_id}"
-                requests += [Req(f"earlier/{salt}", p.earlier_ids, 1, salt=salt, rho=rho),
-                             Req(f"later/{salt}", p.later_ids, MAX_TOKENS, salt=salt, rho=rho)]
+        sweeping = args.sweep and name == "kvshare"
         with tempfile.TemporaryDirectory(prefix=f"kvshare-quality-{name}-") as home:
-            spec = EngineSpec(name, connector=connector_config(
-                name, args.rho, home, args.min_reuse_fraction), **spec_kwargs)
+            config = connector_config(base, **connector_overrides(
+                name, args.rho, home, args.min_reuse_fraction))
+            rhos = [None] + ([r for r in SWEEP_RHOS if r != config["rho"]] if sweeping else [])
+            known = [done[f"{kind}/ref/{p.pair_id}"] for p in pairs for kind in ("later", "tf")]
             try:
-                results = {r.req_id: r for r in run_engine(spec, requests)}
+                results = {r.req_id: r for r in run_engine(
+                    EngineSpec(name, connector=config, **spec_kwargs),
+                    connector_requests(pairs, name, rhos), known=known)}
             except EngineUnavailable as exc:
                 rows[name] = unavailable(name, f"connector not available: {exc}")
                 print(f"{name}: connector not available: {exc}")
                 continue
+        configs[name] = {**config, "home": "(temporary)"}
+        split = matching_split(config)
         for rho in rhos:
-            outs = [outcome(results[f"later/{name}/{rho}/{p.pair_id}"], len(p.later_ids))
-                    for p in pairs]
-            if rho == args.rho:
+            outs = [outcome(results, _key(name, p.pair_id, rho), p) for p in pairs]
+            rho_value = config["rho"] if rho is None else rho
+            if rho is None:
                 per_system[name] = outs
-            if name == "kvshare" and args.sweep:
-                sweep[f"{rho:g}"] = {"rho": rho, **score(outs, refs)}
-                per_system[f"kvshare@rho={rho:g}"] = outs
-                if "split" in per_system:  # same prefill split: rho = 1 must match exactly
-                    vs_split = score(outs, per_system["split"])
-                    sweep[f"{rho:g}"].update(exact_match_vs_split=vs_split["exact_match"],
-                                             rouge_l_vs_split=vs_split["rouge_l"])
+            if sweeping:
+                sweep[f"{rho_value:g}"] = {"rho": rho_value, **score(outs, refs)}
+                per_system[f"kvshare@rho={rho_value:g}"] = outs
+                if split in per_system:  # same prefill split: rho = 1 must match exactly
+                    vs_split = score(outs, per_system[split])
+                    sweep[f"{rho_value:g}"].update(split_system=split,
+                                                   exact_match_vs_split=vs_split["exact_match"],
+                                                   rouge_l_vs_split=vs_split["rouge_l"])
 
     for name in systems:
-        if name in per_system:
-            rows[name] = {**score(per_system[name], refs), "available": True}
-            if "split" in per_system:  # kvshare's own error, without vLLM's split noise
-                rows[name]["rouge_l_vs_split"] = score(per_system[name],
-                                                       per_system["split"])["rouge_l"]
-    ref_ttft = [r.ttft_s for r in refs]
+        if name not in per_system:
+            continue
+        rows[name] = {**score(per_system[name], refs), "available": True,
+                      "config": configs.get(name)}
+        if name in configs and matching_split(configs[name]) in per_system:
+            split = matching_split(configs[name])
+            rows[name].update(split_system=split, rouge_l_vs_split=score(
+                per_system[name], per_system[split])["rouge_l"])
     return {
         "pairs": len(pairs),
         "pair_kinds": {k: sum(p.kind.startswith(k) for p in pairs) for k in ("similar", "edit")},
-        "rho": args.rho,
         "seed": args.seed,
+        "rho": configs["kvshare"]["rho"] if "kvshare" in configs else None,
         "max_new_tokens": MAX_TOKENS,
-        "reference_ttft_median_s": statistics.median(ref_ttft),
+        "teacher_forcing": {
+            "reference_top_k": REFERENCE_TOP_K, "system_top_k": SYSTEM_TOP_K,
+            "reference_rest_mass": statistics.fmean(1.0 - row.mass for row in reference_rows),
+            "positions": len(reference_rows),
+            "vanilla_vs_vanilla": dataclasses.asdict(check) if check else None},
+        "reference_ttft_median_s": statistics.median(r.ttft_s for r in refs),
         "systems": {name: rows[name] for name in systems if name in rows},
         "sweep": sweep,
         "outputs": {
@@ -390,7 +584,9 @@ def run_systems(pairs: list[PreparedPair], systems: list[str], args) -> dict:
                         "reference_first_logprob": refs[i].first_logprob,
                         **{name: outs[i].text for name, outs in per_system.items()},
                         **{f"{name}_first_logprob": outs[i].first_logprob
-                           for name, outs in per_system.items()}}
+                           for name, outs in per_system.items()},
+                        **{f"{name}_kl_mean": summarize(outs[i].forced).kl_mean
+                           for name, outs in per_system.items() if outs[i].forced}}
             for i, p in enumerate(pairs)
         },
     }
@@ -399,39 +595,87 @@ def run_systems(pairs: list[PreparedPair], systems: list[str], args) -> dict:
 # ------------------------------------------------------------------------ report
 def markdown_table(results: dict) -> str:
     kinds = results.get("pair_kinds", {})
+    forcing = results["teacher_forcing"]
+    excluded = results.get("excluded_seeds") or []
+    rho = results.get("rho")
     lines = [
         f"### Quality vs full compute: {results['pairs']} pairs "
-        f"({kinds.get('similar', 0)} similar-stream, {kinds.get('edit', 0)} edits), "
-        f"{results['max_new_tokens']} greedy tokens, kvshare rho={results['rho']:g}\n",
-        "| system | ROUGE-L | exact match | first token | recomputed | TTFT p50 | claimed "
-        "| ROUGE-L vs split |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"({kinds.get('similar', 0)} similar-stream, {kinds.get('edit', 0)} edits), seed "
+        f"{results['seed']}"
+        + (f" (pairs of seeds {', '.join(map(str, excluded))} left out)" if excluded else "")
+        + f", {results['max_new_tokens']} tokens"
+        + (f", kvshare rho={rho:g}" if rho is not None else "") + "\n",
+        "| system | top-1 (forced) | KL (forced) | ROUGE-L | exact match | first token "
+        "| recomputed | TTFT p50 | claimed | fallbacks | ROUGE-L vs split |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in results["systems"].items():
         if not row.get("available", True):
-            lines.append(f"| {name} | - | - | - | - | - | {row['error']} | - |")
+            lines.append(f"| {name} | - | - | - | - | - | - | - | {row['error']} | - | - |")
             continue
-        ttft = f"{row['ttft_median_s'] * 1000:.0f} ms" if row.get("ttft_median_s") else "-"
-        claimed = f"{row['claimed_fraction']:.0%}" if name in CONNECTOR_SYSTEMS else ""
-        lines.append(f"| {name} | {_bar(row['rouge_l'])} | {row['exact_match']:.0%} | "
-                     f"{row['first_token_agree']:.0%} | {row['recompute_fraction']:.1%} | "
-                     f"{ttft} | {claimed} | {format_or_dash(row.get('rouge_l_vs_split'), '.3f')} |")
-    lines.append(f"\nreference (vanilla, one-step prefill) TTFT p50: "
+        connector = row.get("config") is not None
+        vs_split = ("-" if row.get("rouge_l_vs_split") is None
+                    else f"{row['rouge_l_vs_split']:.3f} ({row['split_system']})")
+        lines.append(
+            f"| {name} | {format_or_dash(row.get('top1_agree'), '.1%')} | "
+            f"{format_or_dash(row.get('kl_mean'), '.4f')} | {_bar(row['rouge_l'])} | "
+            f"{row['exact_match']:.0%} | {row['first_token_agree']:.0%} | "
+            f"{row['recompute_fraction']:.1%} | "
+            f"{format_or_dash(row.get('ttft_median_s'), '.0f', ' ms', scale=1000)} | "
+            f"{format_or_dash(row['claimed_fraction'] if connector else None, '.0%')} | "
+            f"{row['fallbacks'] if connector else '-'} | {vs_split} |")
+    check = forcing.get("vanilla_vs_vanilla") or {}
+    lines += [
+        "",
+        f"forced: the reference's {results['max_new_tokens']} greedy tokens appended to the "
+        f"prompt; per position, top-1 = the system's most likely token is full compute's, "
+        f"KL = KL(full || system) in nats over full compute's top {forcing['reference_top_k']} "
+        f"tokens + one rest bucket (a lower bound of the full-vocabulary KL; the rest holds "
+        f"{forcing['reference_rest_mass']:.1%} of full compute's probability on average); "
+        f"{forcing['positions']} positions. Vanilla vs vanilla: KL "
+        f"{format_or_dash(check.get('kl_mean'), '.4f')}, top-1 "
+        f"{format_or_dash(check.get('top1_agree'), '.0%')}.",
+        "recomputed: prompt tokens computed by vLLM or kvshare = 1 - reused, where reused = "
+        "vLLM's prefix hit + claimed tokens loaded and not recomputed.",
+        fallback_line(results["systems"]),
+    ]
+    mismatched = {name: row["forced_claim_mismatches"] for name, row in results["systems"].items()
+                  if row.get("forced_claim_mismatches")}
+    if mismatched:
+        lines.append("**the teacher-forced request was claimed differently from the greedy one** "
+                     "on " + ", ".join(f"{n} pairs of {name}" for name, n in mismatched.items()))
+    lines.append(f"reference (vanilla, one-step prefill) TTFT p50: "
                  f"{results['reference_ttft_median_s'] * 1000:.0f} ms")
     if results.get("sweep"):
         lines += ["",
-                  "| kvshare rho | ROUGE-L | exact match | first token | recomputed | TTFT p50 "
-                  "| = split | ROUGE-L vs split |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| kvshare rho | top-1 (forced) | KL (forced) | ROUGE-L | exact match "
+                  "| first token | recomputed | TTFT p50 | fallbacks | = split "
+                  "| ROUGE-L vs split |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row in sorted(results["sweep"].values(), key=lambda r: r["rho"]):
-            lines.append(f"| {row['rho']:g} | {_bar(row['rouge_l'])} | {row['exact_match']:.0%} | "
-                         f"{row['first_token_agree']:.0%} | {row['recompute_fraction']:.1%} | "
-                         f"{row['ttft_median_s'] * 1000:.0f} ms | "
-                         f"{format_or_dash(row.get('exact_match_vs_split'), '.0%')} | "
-                         f"{format_or_dash(row.get('rouge_l_vs_split'), '.3f')} |")
+            lines.append(
+                f"| {row['rho']:g} | {format_or_dash(row.get('top1_agree'), '.1%')} | "
+                f"{format_or_dash(row.get('kl_mean'), '.4f')} | {_bar(row['rouge_l'])} | "
+                f"{row['exact_match']:.0%} | {row['first_token_agree']:.0%} | "
+                f"{row['recompute_fraction']:.1%} | "
+                f"{format_or_dash(row.get('ttft_median_s'), '.0f', ' ms', scale=1000)} | "
+                f"{row['fallbacks']} | {format_or_dash(row.get('exact_match_vs_split'), '.0%')} "
+                f"| {format_or_dash(row.get('rouge_l_vs_split'), '.3f')} |")
         lines.append("\n= split: share of pairs whose 64 tokens equal vanilla vLLM's under the "
-                     "same N-1/1 prefill split (rho = 1 must be 100%)")
+                     "same prefill split (rho = 1 must be 100%)")
     return "\n".join(lines) + "\n"
+
+
+def fallback_line(systems: dict[str, dict]) -> str:
+    """The table's fallback line: which systems fell back to full recompute, how often."""
+    counted = {name: row for name, row in systems.items()
+               if row.get("available", True) and row.get("config") is not None}
+    fell = {name: row for name, row in counted.items() if row["fallbacks"]}
+    if not fell:
+        return f"fallbacks: none ({', '.join(counted) or 'no connector system'})."
+    return ("**fallbacks** (selective fill failed, claim recomputed in full): "
+            + ", ".join(f"{name} {row['fallbacks']} of {row['requests']} requests"
+                        for name, row in fell.items()) + ".")
 
 
 def format_or_dash(value: float | None, spec: str, suffix: str = "", scale: float = 1.0
@@ -447,31 +691,34 @@ def _bar(value: float, width: int = 10) -> str:
 
 
 def plot_sweep(results: dict, path: Path) -> None:
+    """Teacher-forced top-1 agreement and ROUGE-L against median TTFT, over the sweep."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     sweep = sorted(results["sweep"].values(), key=lambda r: r["rho"])
-    xs = [r["ttft_median_s"] * 1000 for r in sweep]
-    ys = [r["rouge_l"] for r in sweep]
-    ax.plot(xs, ys, "o-", label="kvshare (DHD)")
-    for r, x, y in zip(sweep, xs, ys):
-        ax.annotate(f"rho={r['rho']:g}", (x, y), textcoords="offset points", xytext=(5, -10),
-                    fontsize=8)
-    for name, row in results["systems"].items():
-        # split's TTFT includes its filler's two prefill steps: not a time to plot.
-        if (name not in ("kvshare", "split") and row.get("available", True)
-                and row.get("ttft_median_s")):
-            ax.plot(row["ttft_median_s"] * 1000, row["rouge_l"], "s", label=name)
-    ax.axvline(results["reference_ttft_median_s"] * 1000, color="grey", linestyle="--",
-               label="vanilla TTFT (reference)")
-    ax.set_xlabel("median TTFT of the later prompt (ms)")
-    ax.set_ylabel("mean ROUGE-L F1 vs full compute")
-    ax.set_title(f"Quality vs TTFT, {results['pairs']} pairs")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for ax, metric, label in ((axes[0], "top1_agree", "top-1 agreement, teacher-forced"),
+                              (axes[1], "rouge_l", "mean ROUGE-L F1, greedy")):
+        points = [(r["ttft_median_s"] * 1000, r[metric], r["rho"]) for r in sweep
+                  if r.get(metric) is not None and r.get("ttft_median_s")]
+        ax.plot([x for x, _, _ in points], [y for _, y, _ in points], "o-", label="kvshare (DHD)")
+        for x, y, rho in points:
+            ax.annotate(f"rho={rho:g}", (x, y), textcoords="offset points", xytext=(5, -10),
+                        fontsize=8)
+        for name, row in results["systems"].items():
+            # the splits' TTFT includes their filler's prefill steps: not a time to plot.
+            if (name != "kvshare" and name not in SPLIT_SYSTEMS and row.get("available", True)
+                    and row.get("ttft_median_s") and row.get(metric) is not None):
+                ax.plot(row["ttft_median_s"] * 1000, row[metric], "s", label=name)
+        ax.axvline(results["reference_ttft_median_s"] * 1000, color="grey", linestyle="--",
+                   label="vanilla TTFT (reference)")
+        ax.set_xlabel("median TTFT of the later prompt (ms)")
+        ax.set_ylabel(f"{label} vs full compute")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Quality vs TTFT, {results['pairs']} pairs, seed {results['seed']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
