@@ -9,9 +9,13 @@ connector on the embedded default (index and tiers in a fresh directory under
 ``<home>/demo``), each engine in its own child process.
 
 Per request it prints the prompt's length, the share kvshare reused (vLLM's own prefix
-hit plus KV loaded from earlier prompts), the tokens kvshare's engine recomputed, both
-TTFTs, and whether the greedy answer matches vanilla vLLM's (full compute); a summary
-table closes the run.
+hit plus claimed tokens kvshare loaded and did not recompute), the claimed tokens
+kvshare's engine recomputed, both TTFTs, and whether the greedy answer matches vanilla
+vLLM's (full compute); a summary table closes the run, with the requests whose fill fell
+back to full recompute.
+
+The kvshare engine runs with the config of ``--config`` (else ``$KVSHARE_CONFIG``) and a
+fresh ``<home>/demo``, passed explicitly; ``KVSHARE_<KEY>`` variables reach neither engine.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from kvshare.bench.engine_config import base_config, connector_config, ignored_environment
+from kvshare.bench.reuse import RequestReuse
 from kvshare.bench.workload import add_prompt_length_arguments, check_prompt_lengths
 from kvshare.config import KVShareConfig
 
@@ -47,9 +53,12 @@ class DemoRow:
     """``earlier`` (first of its pair) or ``later`` (similar to the one before)."""
     prompt_tokens: int
     reused: float
-    """Share of the prompt kvshare did not compute: vLLM's prefix hit + loaded KV."""
+    """Share of the prompt loaded and not recomputed: vLLM's prefix hit + claimed tokens
+    kvshare loaded and did not recompute."""
     recomputed: int
     """Claimed tokens kvshare's selective-recompute engine computed (0 without a claim)."""
+    fallback: bool
+    """kvshare's selective fill failed and the claim was recomputed in full."""
     vanilla_ttft_s: float
     kvshare_ttft_s: float
     same_answer: bool
@@ -66,19 +75,26 @@ def run(args: argparse.Namespace) -> int:
     if args.pairs < 1:
         raise SystemExit(f"--pairs must be >= 1, got {args.pairs}")
     check_prompt_lengths(args)
-    config = KVShareConfig.load(args.config)
+    config = base_config(args.config)
+    ignored = ignored_environment()
+    if ignored:
+        print(f"kvshare demo: ignoring {', '.join(ignored)} (the engines take their config "
+              "from --config only)")
     print(f"kvshare demo: model {config.model}, embedder {config.embedder}, "
           f"home {config.home_dir}")
     texts, prompts = demo_stream(config, args)
-    rows = replay(config, texts, prompts)
+    rows, connector = replay(config, texts, prompts)
     print_rows(rows)
     summary = summarize(rows)
     print()
     print(summary_table(summary))
+    print(fallback_line(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"summary": summary,
-                                         "requests": [asdict(r) for r in rows]}, indent=2))
+        args.json.write_text(json.dumps({
+            "summary": summary, "fallbacks": {"vanilla": 0, "kvshare": fallbacks(rows)},
+            "engines": {"vanilla": {"config": None}, "kvshare": {"config": connector}},
+            "ignored_environment": ignored, "requests": [asdict(r) for r in rows]}, indent=2))
         print(f"JSON written to {args.json}")
     return 0
 
@@ -105,10 +121,11 @@ def demo_stream(config: KVShareConfig, args: argparse.Namespace
     return texts, [chat_ids(tokenizer, text) for text in texts]
 
 
-def replay(config: KVShareConfig, texts: list[str], prompts: list[list[int]]) -> list[DemoRow]:
-    """The stream through vanilla vLLM, then through vLLM + kvshare (fresh state)."""
+def replay(config: KVShareConfig, texts: list[str], prompts: list[list[int]]
+           ) -> tuple[list[DemoRow], dict]:
+    """The stream through vanilla vLLM, then through vLLM + kvshare (fresh state); the rows
+    and the kvshare engine's complete config."""
     from kvshare.bench.quality import rouge_l
-    from kvshare.bench.ttft import reuse_fraction
     from kvshare.bench.vllm_runner import EngineSpec, Req, run_engine, warmup_requests
     from kvshare.model_assets import resolve_model_dir
 
@@ -123,20 +140,20 @@ def replay(config: KVShareConfig, texts: list[str], prompts: list[list[int]]) ->
     vanilla = {r.req_id: r for r in run_engine(EngineSpec("vanilla", **spec_kwargs), requests)}
     home = config.home_dir / "demo"
     shutil.rmtree(home, ignore_errors=True)  # every demo starts from a cold cache
-    connector = {**config.to_dict(), "home": str(home)}
+    connector = connector_config(config, home=str(home))
     shared = {r.req_id: r for r in run_engine(
         EngineSpec("kvshare", connector=connector, **spec_kwargs), requests)}
     rows = []
     for i, ids in enumerate(prompts):
         v, k = vanilla[f"r{i}"], shared[f"r{i}"]
+        reuse = RequestReuse.of(len(ids), k.num_cached_tokens, k.kvshare)
         rows.append(DemoRow(
             index=i, role="earlier" if i % 2 == 0 else "later", prompt_tokens=len(ids),
-            reused=reuse_fraction(len(ids), k.num_cached_tokens, k.kvshare),
-            recomputed=int((k.kvshare or {}).get("recomputed", 0)),
+            reused=reuse.reused_fraction, recomputed=reuse.recomputed, fallback=reuse.fallback,
             vanilla_ttft_s=v.ttft_s, kvshare_ttft_s=k.ttft_s,
             same_answer=k.output_ids == v.output_ids, rouge_l=rouge_l(k.text, v.text),
             preview=" ".join(texts[i].split())[:40]))
-    return rows
+    return rows, connector
 
 
 def print_rows(rows: list[DemoRow]) -> None:
@@ -146,6 +163,8 @@ def print_rows(rows: list[DemoRow]) -> None:
     print("-" * len(header))
     for r in rows:
         answer = "same" if r.same_answer else f"ROUGE {r.rouge_l:.2f}"
+        if r.fallback:
+            answer += " FALLBACK"
         print(f"{r.index:>2} {r.role:<7} {r.prompt_tokens:>6} {r.reused:>6.0%} "
               f"{r.recomputed:>6} {r.vanilla_ttft_s * 1000:>6.0f}ms {r.kvshare_ttft_s * 1000:>6.0f}"
               f"ms {r.speedup:>6.2f}x  {answer:<11} {r.preview}")
@@ -180,7 +199,7 @@ def summary_table(summary: dict) -> str:
     lines = ["| requests | n | reused | vanilla TTFT p50 | kvshare TTFT p50 | speedup p50 "
              "| same answer | ROUGE-L vs full |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    labels = {"reused": "kvshare reused >= 50%", "computed": "computed (misses)"}
+    labels = {"reused": "kvshare reused >= 50%", "computed": "kvshare reused < 50%"}
     for name, row in summary.items():
         lines.append(
             f"| {labels[name]} | {row['requests']} | {cell(row['reused_mean'], '.0%')} | "
@@ -189,3 +208,18 @@ def summary_table(summary: dict) -> str:
             f"{cell(row['speedup_median'], '.2f', 'x')} | {cell(row['same_answer'], '.0%')} | "
             f"{cell(row['rouge_l_mean'], '.3f')} |")
     return "\n".join(lines)
+
+
+def fallbacks(rows: list[DemoRow]) -> int:
+    """Requests whose kvshare fill fell back to full recompute."""
+    return sum(r.fallback for r in rows)
+
+
+def fallback_line(rows: list[DemoRow]) -> str:
+    """The line under the summary table: fallbacks, said out loud when there are any."""
+    count = fallbacks(rows)
+    if not count:
+        return "fallbacks: none"
+    return (f"**fallbacks**: {count} of {len(rows)} kvshare requests fell back to full "
+            "recompute (selective fill failed): " + ", ".join(f"#{r.index}" for r in rows
+                                                               if r.fallback))

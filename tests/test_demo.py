@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import pytest
 
-from kvshare.demo import DemoRow, print_rows, summarize, summary_table
+from kvshare.demo import DemoRow, fallback_line, fallbacks, print_rows, summarize, summary_table
 
 
-def row(index: int, reused: float, vanilla: float, kvshare: float, same: bool) -> DemoRow:
+def row(index: int, reused: float, vanilla: float, kvshare: float, same: bool,
+        fallback: bool = False) -> DemoRow:
     return DemoRow(index=index, role="later" if index % 2 else "earlier", prompt_tokens=500,
-                   reused=reused, recomputed=int(reused * 100), vanilla_ttft_s=vanilla,
-                   kvshare_ttft_s=kvshare, same_answer=same, rouge_l=1.0 if same else 0.5,
-                   preview=f"prompt {index}")
+                   reused=reused, recomputed=int(reused * 100), fallback=fallback,
+                   vanilla_ttft_s=vanilla, kvshare_ttft_s=kvshare, same_answer=same,
+                   rouge_l=1.0 if same else 0.5, preview=f"prompt {index}")
 
 
 @pytest.fixture
@@ -48,3 +49,13 @@ def test_rows_print_speedup_and_answer(rows, capsys):
     assert len(lines) == 2 + len(rows)
     assert "4.00x" in lines[3] and "same" in lines[3]
     assert "5.00x" in lines[5] and "ROUGE 0.50" in lines[5]
+
+
+def test_fallbacks_are_counted_and_said_out_loud(rows, capsys):
+    assert fallbacks(rows) == 0 and fallback_line(rows) == "fallbacks: none"
+    rows[3] = row(3, 0.0, 2.0, 2.5, True, fallback=True)
+    assert fallbacks(rows) == 1
+    assert fallback_line(rows).startswith("**fallbacks**: 1 of 5 kvshare requests fell back")
+    assert "#3" in fallback_line(rows)
+    print_rows(rows)
+    assert "FALLBACK" in capsys.readouterr().out.splitlines()[5]
