@@ -28,7 +28,8 @@ PUBLIC_SCOPE = ""
 class LookupResult:
     plan: ReusePlan
     hits: list[SearchHit]
-    """Entries that were aligned against, nearest first."""
+    """Entries that were aligned against, in the order the planner saw them: by
+    approximation depth (exact entries first), nearest first within a depth."""
     embedding: np.ndarray
     """The prompt's embedding, kept so that storing the prompt need not embed it again."""
     embed_ms: float
@@ -87,6 +88,10 @@ class Matcher:
         ``extra`` are entries not in the index yet (the connector's saves in flight); those
         of the tenant's scopes compete with the index's hits by distance, so a caller can
         see that the best plan would read from an entry that is still being stored.
+
+        The ``top_k`` nearest entries are offered to the planner exact ones first (by
+        ``IndexEntry.depth``): the planner lets earlier candidates win ties, so where an
+        exactly computed entry covers as many tokens as an approximate one, its KV is read.
         """
         t0 = time.perf_counter()
         embedding = self.embedder.embed([text])[0]
@@ -97,6 +102,7 @@ class Matcher:
             hits += [SearchHit(entry, 1.0 - float(entry.embedding @ embedding)) for entry in extra
                      if entry.scope in scopes and entry.model_id == self.model_id]
             hits = sorted(hits, key=lambda hit: hit.distance)[: self.top_k]
+        hits = sorted(hits, key=lambda hit: (hit.entry.depth, hit.distance))
         t2 = time.perf_counter()
         candidates = [Candidate(hit.entry.entry_id, hit.entry.token_ids) for hit in hits]
         if self.planner == "chunk256":
@@ -116,8 +122,14 @@ class Matcher:
         embedding: np.ndarray | None = None,
         chunk_keys: Sequence[str] = (),
         entry_id: str | None = None,
+        depth: int = 0,
+        exact_tokens: int | None = None,
     ) -> IndexEntry:
-        """Index a prompt (its chunks must already be stored: entries never point at nothing)."""
+        """Index a prompt (its chunks must already be stored: entries never point at nothing).
+
+        ``depth`` is the approximation depth of its stored KV (0: computed exactly) and
+        ``exact_tokens`` how many leading tokens of it are exact (None: all).
+        """
         if embedding is None:
             embedding = self.embedder.embed([text])[0]
         entry = IndexEntry(
@@ -128,6 +140,8 @@ class Matcher:
             token_ids=np.asarray(token_ids, np.int32),
             text_preview=text,
             chunk_keys=list(chunk_keys),
+            depth=depth,
+            exact_tokens=exact_tokens,
         )
         self.index.add([entry])
         return entry
