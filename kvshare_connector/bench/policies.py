@@ -11,18 +11,32 @@ keep this one. Baselines model what users would otherwise deploy:
 - ``oracle`` / ``oracle_lcs``: the most tokens reusable from any single earlier prompt
   among the 20 nearest by embedding (span oracle: equal runs >= 8 tokens, minus one
   boundary token at each end; LCS: every aligned token, reusable by KV or not).
+
+kvshare appears twice:
+
+- ``kvshare``: the plan-level upper bound. Every prompt is indexed and every token the
+  planner maps to an earlier prompt counts, whether or not the connector would claim it.
+- ``connector``: kvshare as the vLLM connector runs it (:class:`ConnectorPolicy`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
 import xxhash
 
+from kvshare.bench.cache_models import BlockPool, ChunkTiers, PrefixHit
+from kvshare.config import KVShareConfig
 from kvshare.matching.align import equal_runs
-from kvshare.matching.matcher import LookupResult, Matcher
+from kvshare.matching.claim import Claim, claim_end, decide_claim, tail_start
+from kvshare.matching.matcher import PUBLIC_SCOPE, LookupResult, Matcher
+from kvshare.matching.plan import ReusePlan, ReuseRun
+from kvshare.storage.index import IndexEntry, new_entry_id
+from kvshare.storage.keys import chunk_keys, chunk_spans
 
 
 @dataclass(frozen=True)
@@ -50,33 +64,20 @@ def _max_claim(num_tokens: int) -> int:
 
 
 class PrefixCachePolicy:
-    """vLLM-style: chained block hashes; a hit is the longest run of cached leading blocks."""
+    """vLLM automatic prefix caching (:class:`~kvshare.bench.cache_models.BlockPool`);
+    ``num_blocks=None``, the ``prefix`` row, never evicts."""
 
     name = "prefix"
 
-    def __init__(self, block_tokens: int = 16) -> None:
-        self.block_tokens = block_tokens
-        self._blocks: set[bytes] = set()
-
-    def _chain(self, token_ids: np.ndarray):
-        parent = b""
-        for start in range(0, len(token_ids) - self.block_tokens + 1, self.block_tokens):
-            block = token_ids[start : start + self.block_tokens].tobytes()
-            parent = xxhash.xxh3_128_digest(parent + block)
-            yield parent
+    def __init__(self, block_tokens: int = 16, num_blocks: int | None = None) -> None:
+        self.pool = BlockPool(block_tokens, num_blocks)
 
     def reuse(self, request: Request) -> int:
-        hit = 0
-        for block_hash in self._chain(request.token_ids):
-            if block_hash not in self._blocks:
-                break
-            hit += self.block_tokens
-        # vLLM caps a full hit so that the last token is recomputed, block-aligned.
-        cap = _max_claim(len(request.token_ids)) // self.block_tokens * self.block_tokens
-        return min(hit, cap)
+        return self.pool.lookup(request.token_ids).tokens
 
     def remember(self, request: Request) -> None:
-        self._blocks.update(self._chain(request.token_ids))
+        hit = self.pool.lookup(request.token_ids)
+        self.pool.run(request.token_ids, hit, exact_tokens=len(request.token_ids), depth=0)
 
 
 class ChunkHashPolicy:
@@ -148,7 +149,13 @@ class SpanOraclePolicy:
 
 
 class KVSharePolicy:
-    """kvshare's own lookup (embed + index search + multi-source alignment)."""
+    """kvshare's plan-level upper bound: its own lookup (embed + index search + multi-source
+    alignment) over every earlier prompt, counting every token the plan reuses.
+
+    No connector rule applies: no claim thresholds, no recomputed tail, no DHD share, no
+    capacity, and every prompt is stored as if computed exactly. :class:`ConnectorPolicy`
+    applies them.
+    """
 
     name = "kvshare"
 
@@ -166,3 +173,307 @@ class KVSharePolicy:
     def remember(self, request: Request) -> None:
         embedding = self.last_result.embedding if self.last_result is not None else None
         self.matcher.insert(request.text, request.token_ids, embedding=embedding)
+
+
+VLLM_CPU_BLOCK_TOKENS = 128
+"""vLLM's KV block size on CPU when none is given (``vllm.platforms.cpu``)."""
+
+
+@dataclass(frozen=True)
+class ConnectorOutcome:
+    """What the connector did with one request. Counts are prompt tokens."""
+
+    num_tokens: int
+    prefix_hit: PrefixHit
+    plan_reused: int
+    """Tokens the plan maps to stored entries (the plan-level count)."""
+    plan_below_hit: int
+    """Of ``plan_reused``, tokens below vLLM's prefix hit (vLLM serves them anyway)."""
+    claim: Claim
+    loaded: int
+    """Planned claim tokens (before the tail) whose chunks the tiers still held."""
+    reused: int
+    """Claimed tokens loaded and not recomputed: ``loaded`` minus DHD's ``rho`` share."""
+    source_depth: int | None
+    """Deepest approximation among the source rows the claim read (0: all exact); None
+    when nothing was claimed."""
+    exact_tokens: int
+    """Leading tokens of this prompt's KV that are exact after the request."""
+    depth: int
+    """Approximation depth of this prompt's KV (0: exact)."""
+    stored: bool
+
+    @property
+    def reused_tokens(self) -> int:
+        """Prompt tokens not computed for this request: vLLM's hit plus kvshare's reuse."""
+        return self.prefix_hit.tokens + self.reused
+
+
+@dataclass
+class ConnectorStats:
+    """Totals over a replay; token counts sum prompt tokens over requests."""
+
+    requests: int = 0
+    tokens: int = 0
+    claimed: int = 0
+    """Requests the connector claimed tokens for."""
+    served_from_approximate: int = 0
+    """Claimed requests that read rows of approximate KV (an entry of depth >= 1, beyond
+    its exact leading tokens)."""
+    approximate_prefix_hits: int = 0
+    """Requests whose vLLM prefix hit held blocks kvshare had filled approximately."""
+    stored_by_depth: Counter = field(default_factory=Counter)
+    not_stored_too_deep: int = 0
+    """Prompts not stored because their depth exceeded ``max_approx_depth``."""
+    entries_dropped: int = 0
+    """Entries deleted because a load found their chunks evicted from every tier."""
+    plan_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    reused_tokens: int = 0
+    lost_to_thresholds: int = 0
+    """Plan tokens above vLLM's hit of plans under min_reuse_fraction / min_reuse_tokens."""
+    lost_to_tail: int = 0
+    """Plan tokens in the recomputed tail (the last token and ``recompute_tail_tokens``)."""
+    lost_to_missing_chunks: int = 0
+    """Planned claim tokens whose chunks were evicted from the tiers."""
+    lost_to_rho: int = 0
+    """Loaded tokens DHD recomputed."""
+    prefix_beyond_plan: int = 0
+    """vLLM hit tokens the plan did not cover (reuse the plan-level count misses)."""
+
+    def add(self, outcome: ConnectorOutcome, claimable: int) -> None:
+        """Count one request; ``claimable``: its plan tokens in the claimable range."""
+        self.requests += 1
+        self.tokens += outcome.num_tokens
+        self.plan_tokens += outcome.plan_reused
+        self.prefix_hit_tokens += outcome.prefix_hit.tokens
+        self.reused_tokens += outcome.reused_tokens
+        self.prefix_beyond_plan += outcome.prefix_hit.tokens - outcome.plan_below_hit
+        self.approximate_prefix_hits += outcome.prefix_hit.depth > 0
+        above_hit = outcome.plan_reused - outcome.plan_below_hit
+        claim = outcome.claim
+        if claim.num_claimed:
+            self.claimed += 1
+            self.served_from_approximate += (outcome.source_depth or 0) > 0
+            self.lost_to_tail += above_hit - claim.planned_reuse
+            self.lost_to_missing_chunks += claim.planned_reuse - outcome.loaded
+            self.lost_to_rho += outcome.loaded - outcome.reused
+        elif claimable:
+            self.lost_to_thresholds += above_hit
+        else:
+            self.lost_to_tail += above_hit
+
+    def as_dict(self) -> dict:
+        total = max(1, self.tokens)
+        return {
+            "claimed_fraction": self.claimed / max(1, self.requests),
+            "claimed_requests": self.claimed,
+            "requests_served_from_depth_ge1": self.served_from_approximate,
+            "requests_with_approximate_prefix_hit": self.approximate_prefix_hits,
+            "stored_by_depth": {str(d): n for d, n in sorted(self.stored_by_depth.items())},
+            "not_stored_too_deep": self.not_stored_too_deep,
+            "entries_dropped_missing_chunks": self.entries_dropped,
+            "token_fractions": {
+                "plan": self.plan_tokens / total,
+                "lost_to_thresholds": self.lost_to_thresholds / total,
+                "lost_to_tail": self.lost_to_tail / total,
+                "lost_to_missing_chunks": self.lost_to_missing_chunks / total,
+                "lost_to_rho": self.lost_to_rho / total,
+                "prefix_hit_beyond_plan": self.prefix_beyond_plan / total,
+                "prefix_hit": self.prefix_hit_tokens / total,
+                "reused": self.reused_tokens / total,
+            },
+        }
+
+
+class ConnectorPolicy:
+    """kvshare as the vLLM connector runs it, replayed without KV.
+
+    Per request, in the connector's order:
+
+    1. vLLM's prefix cache (:class:`~kvshare.bench.cache_models.BlockPool`, prefix caching
+       on as in the embedded default unless ``strict_prefix_cache``) serves its hit.
+    2. The connector looks the prompt up (the ``kvshare`` row's lookup, over the entries
+       this replay stored) and claims with :func:`kvshare.matching.claim.decide_claim`.
+    3. The claim's runs read their source chunks from the tiers (:class:`~kvshare.bench.
+       cache_models.ChunkTiers`); tokens of evicted chunks are recomputed and their
+       entries deleted. DHD recomputes ``rho`` of the tokens loaded.
+    4. The prompt is stored with its approximation depth (see :func:`kv_origin`) if that
+       is at most ``max_approx_depth`` (None: any), it has ``min_store_tokens``, and its
+       scope holds no identical prompt at least as exact. Chunks are content addressed
+       (:func:`kvshare.storage.keys.chunk_keys`): exact chunks are shared between entries,
+       approximate ones belong to their entry. The matcher's index must hold at most
+       ``index_max_entries`` (it evicts the least recently used; a claim refreshes its
+       sources).
+    5. vLLM caches the prompt's blocks, kvshare-filled ones included.
+
+    Reused tokens are vLLM's hit plus the claimed tokens loaded and not recomputed. One
+    public tenant; prompts are the user text without the chat template.
+    """
+
+    def __init__(self, name: str, matcher: Matcher, config: KVShareConfig, *,
+                 max_approx_depth: int | None, kv_cache_tokens: int, bytes_per_token: int,
+                 tier_bytes: Sequence[int], block_tokens: int = VLLM_CPU_BLOCK_TOKENS) -> None:
+        if max_approx_depth is not None and max_approx_depth < 0:
+            raise ValueError(f"max_approx_depth must be >= 0 or None (any), got {max_approx_depth}")
+        if bytes_per_token < 1:
+            raise ValueError(f"bytes_per_token must be >= 1, got {bytes_per_token}")
+        if matcher.index.max_entries != config.index_max_entries:
+            raise ValueError(f"{name}: the matcher's index holds up to "
+                             f"{matcher.index.max_entries} entries; the connector's holds "
+                             f"index_max_entries={config.index_max_entries}")
+        self.name = name
+        self.matcher = matcher
+        self.config = config
+        self.max_approx_depth = max_approx_depth
+        self.bytes_per_token = bytes_per_token
+        self.prefix_cache = (None if config.strict_prefix_cache
+                             else BlockPool(block_tokens, max(1, kv_cache_tokens // block_tokens)))
+        self.tiers = ChunkTiers(tier_bytes)
+        self.stats = ConnectorStats()
+        self.last: ConnectorOutcome | None = None
+        self.last_lookup: LookupResult | None = None
+
+    def reuse(self, request: Request) -> int:
+        tokens = request.token_ids
+        n = len(tokens)
+        hit = (self.prefix_cache.lookup(tokens) if self.prefix_cache is not None
+               else PrefixHit(0, 0, 0))
+        lookup = self.last_lookup = self.matcher.lookup(request.text, tokens)
+        plan = lookup.plan
+        claim = decide_claim(plan, hit.tokens, self.config)
+        sources = {h.entry.entry_id: h.entry for h in lookup.hits}
+        loaded = reused = 0
+        source_depth = None
+        # Where reused rows may lie: before the claim's end and before the recomputed tail.
+        reuse_end = min(claim_end(n, self.config), tail_start(n, self.config))
+        if claim.num_claimed:
+            runs = claimed_runs(plan, claim)
+            loaded = self._load(runs, sources, claim.start, reuse_end)
+            reused = replace(claim, planned_reuse=loaded).expected_reused(self.config.rho)
+            self.matcher.index.record_hits(plan.source_entries)
+            source_depth = max(_read_depth(run, sources[run.entry_id]) for run in runs)
+        approximate_hit = hit.exact_tokens < hit.tokens
+        exact_tokens, depth = kv_origin(claim, plan, sources,
+                                        hit.exact_tokens if approximate_hit else n, hit.depth)
+        self.last = ConnectorOutcome(
+            num_tokens=n, prefix_hit=hit, plan_reused=plan.reused_tokens,
+            plan_below_hit=_plan_tokens_in(plan, 0, hit.tokens), claim=claim, loaded=loaded,
+            reused=reused, source_depth=source_depth, exact_tokens=exact_tokens, depth=depth,
+            stored=False)
+        claimable = _plan_tokens_in(plan, hit.tokens, reuse_end)
+        self.stats.add(self.last, claimable)
+        return self.last.reused_tokens
+
+    def remember(self, request: Request) -> None:
+        outcome, lookup = self.last, self.last_lookup
+        if outcome is None or lookup is None:
+            raise RuntimeError(f"{self.name}: remember() needs reuse() of the same request first")
+        tokens = request.token_ids
+        if self._should_store(tokens, outcome, lookup):
+            self.last = replace(outcome, stored=self._store(request, outcome, lookup))
+        if self.prefix_cache is not None:
+            self.prefix_cache.run(tokens, outcome.prefix_hit, outcome.exact_tokens,
+                                  outcome.depth)
+
+    def _load(self, runs: list[ReuseRun], sources: dict[str, IndexEntry], start: int,
+              reuse_end: int) -> int:
+        """Read the runs' source chunks; returns the tokens in ``[start, reuse_end)`` whose
+        chunks were found. Entries with an evicted chunk are deleted, as the connector
+        deletes them."""
+        size = self.config.chunk_tokens
+        found: dict[str, bool] = {}
+        missing: set[str] = set()
+        loaded = 0
+        for run in runs:
+            entry = sources[run.entry_id]
+            src_end = run.src_start + run.length
+            for chunk in range(run.src_start // size, (src_end - 1) // size + 1):
+                key = entry.chunk_keys[chunk]
+                if key not in found:
+                    found[key] = self.tiers.get(key)
+                lo = max(run.src_start, chunk * size) - run.src_start + run.dst_start
+                hi = min(src_end, (chunk + 1) * size) - run.src_start + run.dst_start
+                if found[key]:
+                    loaded += max(0, min(hi, reuse_end) - max(lo, start))
+                else:
+                    missing.add(run.entry_id)
+        self.stats.entries_dropped += self.matcher.index.delete(missing)
+        return loaded
+
+    def _should_store(self, tokens: np.ndarray, outcome: ConnectorOutcome,
+                      lookup: LookupResult) -> bool:
+        if len(tokens) < self.config.min_store_tokens:
+            return False
+        if self.max_approx_depth is not None and outcome.depth > self.max_approx_depth:
+            self.stats.not_stored_too_deep += 1
+            return False
+        return not any(hit.entry.depth <= outcome.depth and hit.entry.num_tokens == len(tokens)
+                       and np.array_equal(hit.entry.token_ids, tokens) for hit in lookup.hits)
+
+    def _store(self, request: Request, outcome: ConnectorOutcome, lookup: LookupResult) -> bool:
+        """Write the prompt's chunks to the tiers and index it; False if a chunk did not fit."""
+        tokens = request.token_ids
+        entry_id = new_entry_id()
+        keys = chunk_keys(self.matcher.model_id, tokens, self.config.chunk_tokens,
+                          scope=PUBLIC_SCOPE, exact_tokens=outcome.exact_tokens,
+                          variant=entry_id)
+        spans = chunk_spans(len(tokens), self.config.chunk_tokens)
+        hex_keys = [key.hex() for key in keys]
+        held = [self.tiers.put(key, (end - start) * self.bytes_per_token)
+                for key, (start, end) in zip(hex_keys, spans)]
+        if not all(held):
+            return False
+        self.matcher.insert(request.text, tokens, embedding=lookup.embedding,
+                            chunk_keys=hex_keys, entry_id=entry_id, depth=outcome.depth,
+                            exact_tokens=outcome.exact_tokens)
+        self.stats.stored_by_depth[outcome.depth] += 1
+        return True
+
+
+def claimed_runs(plan: ReusePlan, claim: Claim) -> list[ReuseRun]:
+    """The plan's runs cut to the claim ``[start, end)``: what the connector loads."""
+    runs = []
+    for run in plan.runs:
+        skip = max(0, claim.start - run.dst_start)
+        length = min(run.dst_end, claim.end) - run.dst_start - skip
+        if length > 0:
+            runs.append(ReuseRun(run.dst_start + skip, run.entry_id, run.src_start + skip,
+                                 length))
+    return runs
+
+
+def kv_origin(claim: Claim, plan: ReusePlan, sources: dict[str, IndexEntry],
+              exact_tokens: int, depth: int) -> tuple[int, int]:
+    """(exact leading tokens, approximation depth) of a prompt's KV after its request.
+
+    ``exact_tokens`` and ``depth`` describe the KV without the claim: all tokens and 0,
+    unless vLLM's prefix hit held approximate blocks (then the hit's exact leading tokens
+    and its deepest block's depth; vLLM computes the rest on top of them). A claim makes
+    the prompt approximate: depth 1 + the deepest approximate source rows its runs read
+    (rows before a source's ``exact_tokens`` count as exact), exact up to the end of an
+    exact-prefix run that reads exact rows, else up to the claim's start.
+    """
+    if not claim.num_claimed:
+        return exact_tokens, depth
+    runs = [run for run in plan.runs if run.dst_end > claim.start]
+    source_depth = max(_read_depth(run, sources[run.entry_id]) for run in runs)
+    exact_claimed = claim.start
+    first = runs[0]
+    if first.is_exact_prefix:  # the same tokens before, at the same positions
+        exact_claimed = max(claim.start, min(first.dst_end, _exact_tokens(sources[first.entry_id])))
+    return min(exact_tokens, exact_claimed), max(depth, 1 + source_depth)
+
+
+def _exact_tokens(entry: IndexEntry) -> int:
+    return entry.num_tokens if entry.exact_tokens is None else entry.exact_tokens
+
+
+def _read_depth(run: ReuseRun, source: IndexEntry) -> int:
+    """Approximation depth of the source rows a run reads (0 within the exact prefix)."""
+    return 0 if run.src_start + run.length <= _exact_tokens(source) else source.depth
+
+
+def _plan_tokens_in(plan: ReusePlan, lo: int, hi: int) -> int:
+    """Plan tokens at positions ``[lo, hi)``."""
+    return sum(max(0, min(run.dst_end, hi) - max(run.dst_start, lo)) for run in plan.runs)
