@@ -537,7 +537,8 @@ def run_systems(pairs: list[PreparedPair], systems: list[str], args: argparse.Na
                     EngineSpec(name, connector=config, **spec_kwargs),
                     connector_requests(pairs, name, rhos), known=known)}
             except EngineUnavailable as exc:
-                rows[name] = unavailable(name, f"connector not available: {exc}")
+                rows[name] = {**unavailable(name, f"connector not available: {exc}"),
+                              "config": {**config, "home": "(temporary)"}}
                 print(f"{name}: connector not available: {exc}")
                 continue
         configs[name] = {**config, "home": "(temporary)"}
