@@ -475,9 +475,8 @@ class EntryIndex:
             self._label_of[entry.entry_id] = label
             self._id_of_label[label] = entry.entry_id
             self._total_tokens += entry.num_tokens
-            self._lru.append((entry.last_used_at, entry.entry_id))
+            heapq.heappush(self._lru, (entry.last_used_at, entry.entry_id))
             by_partition.setdefault((entry.model_id, entry.scope), []).append(position)
-        heapq.heapify(self._lru)  # O(heap): cheaper than a push per entry for big batches
         for key, positions in by_partition.items():
             partition = self._partitions.get(key)
             if partition is None:
@@ -618,14 +617,14 @@ class EntryIndex:
         with self._lock:
             if self._pending_upserts or self._pending_deletes:
                 version = None
-            partitions = {}
-            for key, partition in self._partitions.items():
-                if partition.ivf is not None:
-                    labels, lists = partition.ivf_assignments()
-                    ids = [self._id_of_label[label] for label in labels.tolist()]
-                    partitions[key] = (partition.ivf, ids, lists)
-        if partitions:
-            save_ivf_cache(self.path, version, partitions)
+            assignments = {key: (partition.ivf, *partition.ivf_assignments())
+                           for key, partition in self._partitions.items()
+                           if partition.ivf is not None}
+            id_of_label = dict(self._id_of_label)  # ids are looked up after the lock is left
+        if assignments:
+            save_ivf_cache(self.path, version, {
+                key: (ivf, [id_of_label[label] for label in labels.tolist()], lists)
+                for key, (ivf, labels, lists) in assignments.items()})
 
     def _to_arrow(self, entries: Sequence[IndexEntry]) -> pa.Table:
         vectors = np.stack([e.embedding for e in entries]) if entries else np.zeros((0, self.dim))
