@@ -29,11 +29,20 @@ written in order, so the last call on an id wins: a delete of an entry whose add
 being written is written after that add. A failed LanceDB write puts the changes no
 later call has superseded back into the queue.
 
+Opening
+-------
+The table is read with Arrow straight into the mirror (entries hold views of its
+buffers), and IVF partitions are rebuilt from the IVF cache that ``close``, ``compact``
+and training write beside the table, without training or assigning lists again: about
+3 s for 100k entries on two busy cores, where retraining took about 24 s. A table of the
+first schema (no ``depth``, ``exact_tokens``) gets those columns with their defaults.
+
 Who removes entries, and when
 -----------------------------
-- ``add``, when the index goes over ``max_entries`` or ``max_tokens``: it evicts the
-  least recently used entries (smallest max(last_hit_at, created_at); the new ones
-  included) until within both caps, before it returns, and returns them;
+- ``add`` (and opening, when the caps are lower than the table), when the index goes over
+  ``max_entries`` or ``max_tokens``: it evicts the least recently used entries (smallest
+  max(last_hit_at, created_at); the new ones included) until within both caps, before
+  it returns, and returns them;
 - ``delete``: the owner, for entries whose chunks were found missing;
 - ``reconcile``: the owner's background sweep, for entries its ``has_chunks`` check
   says have lost chunks;
@@ -96,7 +105,8 @@ def new_entry_id() -> str:
 
 @dataclass
 class IndexEntry:
-    """One stored prompt."""
+    """One stored prompt. Its arrays are never written in place: entries loaded from disk
+    hold read-only views of the table's Arrow buffers."""
 
     entry_id: str
     model_id: str
