@@ -16,6 +16,8 @@ import sys
 _COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("demo",), "kvshare.demo",
      "vLLM with and without kvshare on real similar prompts: reuse, TTFT, answers"),
+    (("serve",), "kvshare.serve",
+     "vLLM's OpenAI-compatible server with the kvshare connector, warmed up"),
     (("bench", "hitrate"), "kvshare.bench.hitrate",
      "reuse rate of kvshare vs prefix/chunk/response caching on real ShareGPT streams"),
     (("bench", "lookup"), "kvshare.bench.lookup",
