@@ -33,7 +33,7 @@ E_contra = TypeVar("E_contra", contravariant=True)
 class EntrySink(Protocol[E_contra]):
     """What commit needs of the index (``kvshare.storage.index.EntryIndex`` fits)."""
 
-    def add(self, entries: list[E_contra]) -> None: ...
+    def add(self, entries: list[E_contra]) -> object: ...
 
 
 def commit_entries(store: TieredStore, index: EntrySink[E],

@@ -145,6 +145,11 @@ class IndexEntry:
         return int(self.token_ids.size)
 
     @property
+    def exact_prefix(self) -> int:
+        """Leading tokens whose KV is exact (``exact_tokens``, or all of them)."""
+        return self.num_tokens if self.exact_tokens is None else self.exact_tokens
+
+    @property
     def last_used_at(self) -> float:
         """When the entry was last added or reused: what LRU eviction orders by."""
         return max(self.last_hit_at, self.created_at)

@@ -32,7 +32,15 @@ import xxhash
 from kvshare.bench.cache_models import BlockPool, ChunkTiers, PrefixHit
 from kvshare.config import KVShareConfig
 from kvshare.matching.align import equal_runs
-from kvshare.matching.claim import Claim, claim_end, decide_claim, tail_start
+from kvshare.matching.claim import (
+    Claim,
+    claim_end,
+    claimed_runs,
+    decide_claim,
+    kv_origin,
+    read_depth,
+    tail_start,
+)
 from kvshare.matching.matcher import PUBLIC_SCOPE, LookupResult, Matcher
 from kvshare.matching.plan import ReusePlan, ReuseRun
 from kvshare.storage.index import IndexEntry, new_entry_id
@@ -352,7 +360,7 @@ class ConnectorPolicy:
             loaded = self._load(runs, sources, claim.start, reuse_end)
             reused = replace(claim, planned_reuse=loaded).expected_reused(self.config.rho)
             self.matcher.index.record_hits(plan.source_entries)
-            source_depth = max(_read_depth(run, sources[run.entry_id]) for run in runs)
+            source_depth = max(read_depth(run, sources[run.entry_id]) for run in runs)
         approximate_hit = hit.exact_tokens < hit.tokens
         exact_tokens, depth = kv_origin(claim, plan, sources,
                                         hit.exact_tokens if approximate_hit else n, hit.depth)
@@ -429,49 +437,6 @@ class ConnectorPolicy:
                             exact_tokens=outcome.exact_tokens)
         self.stats.stored_by_depth[outcome.depth] += 1
         return True
-
-
-def claimed_runs(plan: ReusePlan, claim: Claim) -> list[ReuseRun]:
-    """The plan's runs cut to the claim ``[start, end)``: what the connector loads."""
-    runs = []
-    for run in plan.runs:
-        skip = max(0, claim.start - run.dst_start)
-        length = min(run.dst_end, claim.end) - run.dst_start - skip
-        if length > 0:
-            runs.append(ReuseRun(run.dst_start + skip, run.entry_id, run.src_start + skip,
-                                 length))
-    return runs
-
-
-def kv_origin(claim: Claim, plan: ReusePlan, sources: dict[str, IndexEntry],
-              exact_tokens: int, depth: int) -> tuple[int, int]:
-    """(exact leading tokens, approximation depth) of a prompt's KV after its request.
-
-    ``exact_tokens`` and ``depth`` describe the KV without the claim: all tokens and 0,
-    unless vLLM's prefix hit held approximate blocks (then the hit's exact leading tokens
-    and its deepest block's depth; vLLM computes the rest on top of them). A claim makes
-    the prompt approximate: depth 1 + the deepest approximate source rows its runs read
-    (rows before a source's ``exact_tokens`` count as exact), exact up to the end of an
-    exact-prefix run that reads exact rows, else up to the claim's start.
-    """
-    if not claim.num_claimed:
-        return exact_tokens, depth
-    runs = [run for run in plan.runs if run.dst_end > claim.start]
-    source_depth = max(_read_depth(run, sources[run.entry_id]) for run in runs)
-    exact_claimed = claim.start
-    first = runs[0]
-    if first.is_exact_prefix:  # the same tokens before, at the same positions
-        exact_claimed = max(claim.start, min(first.dst_end, _exact_tokens(sources[first.entry_id])))
-    return min(exact_tokens, exact_claimed), max(depth, 1 + source_depth)
-
-
-def _exact_tokens(entry: IndexEntry) -> int:
-    return entry.num_tokens if entry.exact_tokens is None else entry.exact_tokens
-
-
-def _read_depth(run: ReuseRun, source: IndexEntry) -> int:
-    """Approximation depth of the source rows a run reads (0 within the exact prefix)."""
-    return 0 if run.src_start + run.length <= _exact_tokens(source) else source.depth
 
 
 def _plan_tokens_in(plan: ReusePlan, lo: int, hi: int) -> int:

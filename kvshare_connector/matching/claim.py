@@ -15,10 +15,12 @@ hit; with ``"kvshare"`` the claim runs to the last token and the fill recomputes
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from kvshare.config import KVShareConfig
-from kvshare.matching.plan import ReusePlan
+from kvshare.matching.plan import ReusePlan, ReuseRun
+from kvshare.storage.index import IndexEntry
 
 
 @dataclass(frozen=True)
@@ -72,3 +74,48 @@ def decide_claim(plan: ReusePlan, num_computed: int, config: KVShareConfig) -> C
     if end <= num_computed or planned == 0:
         return empty
     return Claim(num_computed, end, planned)
+
+
+def claimed_runs(plan: ReusePlan, claim: Claim) -> list[ReuseRun]:
+    """The plan's runs cut to the claim ``[start, end)``: what the connector loads."""
+    runs = []
+    for run in plan.runs:
+        skip = max(0, claim.start - run.dst_start)
+        length = min(run.dst_end, claim.end) - run.dst_start - skip
+        if length > 0:
+            runs.append(ReuseRun(run.dst_start + skip, run.entry_id, run.src_start + skip,
+                                 length))
+    return runs
+
+
+def read_depth(run: ReuseRun, source: IndexEntry) -> int:
+    """Approximation depth of the source rows a run reads (0 inside the exact prefix)."""
+    return 0 if run.src_start + run.length <= source.exact_prefix else source.depth
+
+
+def kv_origin(claim: Claim, plan: ReusePlan, sources: Mapping[str, IndexEntry],
+              exact_tokens: int, depth: int) -> tuple[int, int]:
+    """(exact leading tokens, approximation depth) of a prompt's KV after its request.
+
+    ``exact_tokens`` and ``depth`` describe the KV without the claim: all tokens and 0,
+    unless vLLM's prefix hit held approximate blocks (then the hit's exact leading tokens
+    and its deepest block's depth; vLLM computes the rest on top of them).
+
+    Claimed rows are exact while they continue the plan's exact-prefix run (the same
+    tokens before, at the same positions) inside its source's exact prefix; if that covers
+    the whole claim, so is everything vLLM computes after it. Otherwise the prompt is
+    approximate from there on: depth 1 + the deepest source whose approximate rows it
+    loads (rows inside a source's exact prefix count as exact).
+    """
+    runs = claimed_runs(plan, claim)
+    if not runs:
+        return exact_tokens, depth
+    exact_claimed = claim.start
+    prefix = plan.runs[0] if plan.runs[0].is_exact_prefix else None
+    if prefix is not None and prefix.dst_end > claim.start:
+        exact_claimed = max(claim.start,
+                            min(prefix.dst_end, sources[prefix.entry_id].exact_prefix))
+        if exact_claimed >= claim.end:
+            return exact_tokens, depth
+    source_depth = max(read_depth(run, sources[run.entry_id]) for run in runs)
+    return min(exact_tokens, exact_claimed), max(depth, 1 + source_depth)
