@@ -1,0 +1,142 @@
+"""Write-behind for prompt KV: chunk, store and confirm off the request's critical path.
+
+The worker copies a finished prompt's K/V out of vLLM's blocks synchronously (the
+blocks may be reused as soon as the step ends) and hands the copy to a :class:`SaveQueue`,
+whose thread cuts it into chunks, writes them to the tiers and checks that every chunk is
+held. Results are collected by the worker each step and reported to the scheduler, which
+indexes an entry only once all its chunks are stored.
+
+Memory is bounded: ``capacity_bytes`` of KV may wait in the queue; a submit beyond that
+blocks until the writer has caught up (back-pressure), so a slow tier slows serving
+instead of growing memory without bound. One job larger than the bound still goes
+through when the queue is empty.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from kvshare.storage.chunk import split_prompt_kv
+from kvshare.storage.tiered_store import TieredStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SaveJob:
+    """One prompt's KV to store; chunk keys as in ``kvshare.storage.keys.chunk_keys``."""
+
+    req_id: str
+    kv: torch.Tensor
+    """``[num_layers, 2, num_tokens, num_kv_heads, head_dim]``, a private copy."""
+    token_ids: list[int]
+    scope: str
+    entry_id: str
+    exact_tokens: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+
+@dataclass
+class SaveResult:
+    req_id: str
+    chunk_keys: list[str] | None
+    """Hex keys of all the prompt's chunks, all held by the tiers; None if any is not."""
+
+
+class SaveQueue:
+    """A writer thread over ``store``; see the module docstring.
+
+    Invariant: every submitted job yields exactly one :class:`SaveResult`, also when
+    storing raises, so the scheduler never waits for an answer that cannot come.
+    """
+
+    def __init__(self, store: TieredStore, model_id: str, chunk_tokens: int,
+                 capacity_bytes: int) -> None:
+        self.store = store
+        self.model_id = model_id
+        self.chunk_tokens = chunk_tokens
+        self.capacity_bytes = capacity_bytes
+        self._jobs: deque[SaveJob] = deque()
+        self._results: list[SaveResult] = []
+        self._queued_bytes = 0
+        self._busy = False
+        self._closed = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="kvshare-save", daemon=True)
+        self._thread.start()
+
+    @property
+    def queued_bytes(self) -> int:
+        """KV bytes submitted and not yet written."""
+        with self._cond:
+            return self._queued_bytes
+
+    def submit(self, job: SaveJob) -> None:
+        """Queue ``job``; waits while the queue holds ``capacity_bytes`` already."""
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("kvshare: the save queue is closed")
+            while self._jobs and self._queued_bytes + job.nbytes > self.capacity_bytes:
+                self._cond.wait()
+            self._jobs.append(job)
+            self._queued_bytes += job.nbytes
+            self._cond.notify_all()
+
+    def take_results(self) -> list[SaveResult]:
+        """Results of the jobs finished since the last call."""
+        with self._cond:
+            results, self._results = self._results, []
+            return results
+
+    def drain(self) -> None:
+        """Wait until every submitted job has a result."""
+        with self._cond:
+            while self._jobs or self._busy:
+                self._cond.wait()
+
+    def close(self) -> None:
+        """Write what is queued, then stop the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs and not self._closed:
+                    self._cond.wait()
+                if not self._jobs:
+                    return
+                job = self._jobs[0]
+                self._busy = True
+            result = SaveResult(job.req_id, self._store(job))
+            with self._cond:
+                self._jobs.popleft()
+                self._queued_bytes -= job.nbytes
+                self._busy = False
+                self._results.append(result)
+                self._cond.notify_all()
+
+    def _store(self, job: SaveJob) -> list[str] | None:
+        try:
+            chunks = split_prompt_kv(self.model_id, job.kv, job.token_ids, self.chunk_tokens,
+                                     scope=job.scope, exact_tokens=job.exact_tokens,
+                                     variant=job.entry_id)
+            keys = [chunk.key for chunk in chunks]
+            # Chunks already held (a shared exact prefix) are not encoded and written again.
+            missing = {key for key, held in zip(keys, self.store.contains(keys)) if not held}
+            self.store.put([chunk for chunk in chunks if chunk.key in missing])
+            if all(self.store.contains(keys)):
+                return [key.hex() for key in keys]
+        except Exception:
+            logger.exception("kvshare: storing the prompt of %s failed", job.req_id)
+        return None
