@@ -90,6 +90,22 @@ def model_fingerprint(model_dir: Path | str, home: Path | str | None = None) -> 
     return f"{_readable_name(directory)}@{combined.hexdigest()[:DIGEST_HEX_CHARS]}"
 
 
+def local_model_dir(model: str, revision: str | None = None) -> Path:
+    """The local directory of vLLM's ``model`` argument: a path, or a hub id whose files
+    vLLM has already downloaded (looked up in the Hugging Face cache, never fetched)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, revision=revision, local_files_only=True))
+    except Exception as exc:
+        raise FileNotFoundError(
+            f"model {model!r} is neither a directory nor a hub id with files in the local "
+            "Hugging Face cache; kvshare fingerprints the model's files") from exc
+
+
 def model_files(directory: Path) -> dict[str, Path]:
     """The files a fingerprint covers, by name relative to ``directory``, sorted by name."""
     names = {"config.json", *TOKENIZER_FILES}
