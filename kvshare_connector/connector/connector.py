@@ -22,6 +22,7 @@ from vllm.v1.core.sched.output import SchedulerOutput
 
 from kvshare.config import ConfigError, KVShareConfig
 from kvshare.connector.metadata import KVShareConnectorMetadata, KVShareWorkerMetadata
+from kvshare.model_identity import local_model_dir, model_fingerprint
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -71,13 +72,19 @@ class KVShareConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         config = load_config(vllm_config)
         check_vllm_config(config, vllm_config)
-        model_id = vllm_config.model_config.model
+        model_config = vllm_config.model_config
+        model_id = model_fingerprint(local_model_dir(model_config.model, model_config.revision),
+                                     config.home_dir)
         self._scheduler = self._worker = None
         if role == KVConnectorRole.SCHEDULER:
             from kvshare.connector.scheduler import KVShareScheduler
 
-            self._scheduler = KVShareScheduler(config, model_id,
-                                               vllm_config.model_config.tokenizer)
+            block_size = vllm_config.cache_config.block_size
+            self._scheduler = KVShareScheduler(
+                config, model_id, vllm_config.model_config.tokenizer,
+                hash_block_size=(kv_cache_config.hash_block_size if kv_cache_config
+                                 and kv_cache_config.hash_block_size else block_size),
+                num_kv_blocks=kv_cache_config.num_blocks if kv_cache_config else 1 << 16)
         else:
             from kvshare.connector.worker import KVShareWorker
 
@@ -118,7 +125,8 @@ class KVShareConnector(KVConnectorBase_V1):
 
     # ------------------------------------------------------------------ scheduler side
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int
-                                   ) -> tuple[int, bool]:
+                                   ) -> tuple[int | None, bool]:
+        """``None`` while the request's lookup runs in the background: vLLM asks again."""
         return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens), False
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,

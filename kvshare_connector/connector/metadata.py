@@ -39,9 +39,10 @@ class Run:
 class LoadSpec:
     """Fill the claimed tokens ``[num_computed, num_computed + num_claimed)`` of one request.
 
-    Invariant: ``num_computed + num_claimed == len(token_ids) - 1``: vLLM computes the
-    last prompt token itself. Positions below ``num_computed`` are vLLM's own prefix-cache
-    hit (exact KV already in the request's blocks): read, never written.
+    Invariant: ``num_computed + num_claimed <= len(token_ids) - 1``: vLLM computes at
+    least the last prompt token itself (and the tail after the claim, see
+    ``kvshare.matching.claim``). Positions below ``num_computed`` are vLLM's own
+    prefix-cache hit (KV already in the request's blocks): read, never written.
     """
 
     req_id: str
@@ -54,20 +55,31 @@ class LoadSpec:
     sources: dict[str, SourceEntry]
     rho: float
     """DHD share of reused tokens recomputed (config ``rho`` or the request's override)."""
+    tail_start: int
+    """Claimed positions from here on are always recomputed (the prompt's tail when kvshare
+    computes it; ``end`` when vLLM does)."""
 
     @property
     def end(self) -> int:
-        """One past the last claimed position (= prompt length - 1)."""
+        """One past the last claimed position."""
         return self.num_computed + self.num_claimed
 
 
 @dataclass
 class SaveSpec:
-    """After this step the request's whole prompt KV is in its blocks: store it as chunks."""
+    """After this step the request's whole prompt KV is in its blocks: store it as chunks.
+
+    Chunk keys follow ``kvshare.storage.keys.chunk_keys``: namespaced by ``scope``; chunks
+    past ``exact_tokens`` hold approximate KV and carry ``entry_id`` as their variant.
+    """
 
     req_id: str
     token_ids: list[int]
     block_ids: list[int]
+    scope: str
+    entry_id: str
+    exact_tokens: int
+    """Leading tokens whose KV vLLM or kvshare computed exactly (all of them at depth 0)."""
 
 
 @dataclass
@@ -80,16 +92,22 @@ class KVShareConnectorMetadata(KVConnectorMetadata):
 
 @dataclass
 class LoadReport:
-    """How one claim was filled (for logs, tests and benchmarks)."""
+    """How one claim was filled: returned to the user as ``kv_transfer_params["kvshare"]``.
+
+    All counts are prompt tokens inside the claim ``[num_computed, num_computed + claimed)``;
+    vLLM's own prefix-cache hit is not part of them.
+    """
 
     req_id: str
     claimed: int
+    """Tokens kvshare filled, so vLLM did not compute them."""
     loaded: int
-    """Claimed tokens whose KV came from the tiers (after the availability mask)."""
+    """Claimed tokens whose KV came from the tiers (chunks found and verified)."""
     recomputed: int
-    """Claimed tokens tracked through the last layer (placeholders + DHD picks)."""
+    """Claimed tokens kvshare computed: placeholders, boundaries, tokens of missing chunks,
+    DHD picks, and the tail when kvshare computes it (or all, after a fallback)."""
     fallback: bool
-    """True when the selective path failed and the claim was fully recomputed."""
+    """True when the selective fill failed and the claim was recomputed in full."""
     seconds: float
     """Wall time of the worker's load + re-rotation + selective recompute + writes."""
     load_seconds: float = 0.0
@@ -97,8 +115,16 @@ class LoadReport:
     sources: int = 0
     """Source entries the plan's runs copy KV from."""
 
+    @property
+    def reused(self) -> int:
+        """Claimed tokens loaded and not recomputed: what "reused" means everywhere."""
+        return self.claimed - self.recomputed
+
     def as_dict(self) -> dict[str, float | int | bool]:
-        return {name: value for name, value in vars(self).items() if name != "req_id"}
+        """The user-facing report: counts and timings (entry ids stay inside kvshare)."""
+        report = {name: value for name, value in vars(self).items() if name != "req_id"}
+        report["reused"] = self.reused
+        return report
 
 
 @dataclass
@@ -110,6 +136,8 @@ class KVShareWorkerMetadata(KVConnectorWorkerMetadata):
     not_stored: set[str] = field(default_factory=set)
     """Requests whose chunks could not all be stored; their entries are not committed."""
     loads: list[LoadReport] = field(default_factory=list)
+    missing_entries: set[str] = field(default_factory=set)
+    """Entries some of whose chunks the tiers no longer hold (found by a load)."""
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, KVShareWorkerMetadata)
@@ -117,4 +145,5 @@ class KVShareWorkerMetadata(KVConnectorWorkerMetadata):
             stored={**self.stored, **other.stored},
             not_stored=self.not_stored | other.not_stored,
             loads=self.loads + other.loads,
+            missing_entries=self.missing_entries | other.missing_entries,
         )

@@ -1,23 +1,45 @@
 """Scheduler-side half of the connector (runs in vLLM's EngineCore process).
 
-It decides claims from token ids alone (it never sees KV): one lookup (embed, search
-the tenant's scopes, align, plan) per request, cached because vLLM asks again after
-preemption or when blocks run short. It owns the entry index, the single writer.
+It decides claims from token ids alone (it never sees KV), with the one claim rule of
+:mod:`kvshare.matching.claim`, and owns the entry index (its single writer).
 
-Entries are committed only after the worker confirms that all of a prompt's chunks
-are held by the tiers (``KVShareWorkerMetadata.stored``), because the tiers the worker
-writes (its CPU tier above all) are not visible from this process: only the worker
-can say "stored". Chunk keys are content addressed, so the confirmation carries keys,
-not KV.
+It must never stall or kill the EngineCore loop, so:
 
-Entries hold exact KV only: a prompt is stored when vLLM computed it itself (nothing
-claimed), never when kvshare filled it approximately, so edits of edits do not
-compound drift.
+* a request's lookup (detokenize, embed, search, align) runs on a background thread;
+  until it is done, ``get_num_new_matched_tokens`` answers ``None`` ("ask again next
+  step") and vLLM schedules other work;
+* when the best plan would read from a prompt whose chunks are still being written (a
+  save in flight), the lookup is redone once that save is confirmed, for at most
+  ``PENDING_SAVE_WAIT_S``: a burst of similar prompts then reuses its first member;
+* LanceDB writes (flushes, compaction) run on a second background thread;
+* any exception on the lookup or store path means "claim nothing" / "store nothing" and
+  one log line.
+
+Entries are committed only after the worker confirms that all of a prompt's chunks are
+held by the tiers (``KVShareWorkerMetadata.stored``): the worker's tiers (its CPU tier
+above all) are not visible from this process.
+
+Approximation depth. A prompt vLLM computed itself has exact KV (depth 0). A prompt
+kvshare filled from reused rows is an approximation: it is stored with depth 1 + the
+depth of its deepest source (up to ``max_approx_depth``), its exact leading tokens
+recorded, and its approximate chunks under keys of their own. With vLLM's prefix caching
+on, vLLM registers the blocks kvshare filled under the prompt's block hashes, so a later
+request's prefix hit can consist of approximate blocks; :class:`ApproximateBlocks`
+remembers those hashes so that such a request is stored as approximate too.
+
+Per-request state and who removes it: ``_requests`` from a request's first
+``get_num_new_matched_tokens`` to ``request_finished``; ``_saving`` from the step a
+SaveSpec goes out to the worker's stored / not-stored answer (the worker answers every
+SaveSpec); ``_late_reports`` from ``request_finished`` to the load report of the same
+step (dropped after ``LATE_REPORT_STEPS`` updates at the latest).
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -33,10 +55,10 @@ from kvshare.connector.metadata import (
     SaveSpec,
     SourceEntry,
 )
+from kvshare.matching.claim import Claim, claimed_runs, decide_claim, kv_origin, tail_start
 from kvshare.matching.embedder import make_embedder
 from kvshare.matching.matcher import PUBLIC_SCOPE, LookupResult, Matcher
-from kvshare.matching.plan import ReusePlan
-from kvshare.storage.index import EntryIndex
+from kvshare.storage.index import EntryIndex, IndexEntry, new_entry_id
 
 if TYPE_CHECKING:
     from vllm.v1.request import Request
@@ -45,6 +67,19 @@ logger = logging.getLogger(__name__)
 
 RHO_ARG = "kvshare_rho"
 """``SamplingParams.extra_args`` key that overrides the config's ``rho`` per request."""
+PROMPT_TOKENS_ARG = "kvshare_prompt_tokens"
+"""``SamplingParams.extra_args`` key for teacher-forced evaluation: prompt positions from
+this one on are a forced continuation. Only the leading ones are looked up, planned and
+claimed, and the request is never stored."""
+
+LOOKUP_TIMEOUT_S = 5.0
+"""A lookup still running after this long is given up: the request is computed by vLLM."""
+PENDING_SAVE_WAIT_S = 5.0
+"""Longest wait for an in-flight save that the best plan would read from."""
+LATE_REPORT_STEPS = 2
+"""Output updates a finished request's report may arrive after ``request_finished``."""
+COMPACT_EVERY_FLUSHES = 64
+"""LanceDB compaction (and old-version cleanup) after this many flushes."""
 
 
 def tenant_of(request: Request) -> str:
@@ -52,39 +87,96 @@ def tenant_of(request: Request) -> str:
     return request.cache_salt or PUBLIC_SCOPE
 
 
+def prompt_tokens_of(request: Request) -> int:
+    """Prompt tokens kvshare treats as the prompt (all, unless teacher forcing says less)."""
+    total = len(request.prompt_token_ids or [])
+    extra = request.sampling_params.extra_args if request.sampling_params else None
+    forced = (extra or {}).get(PROMPT_TOKENS_ARG)
+    if forced is None:
+        return total
+    if not isinstance(forced, int) or not 0 < forced <= total:
+        raise ValueError(f"{PROMPT_TOKENS_ARG}={forced!r} must be an int in [1, {total}]")
+    return forced
+
+
+class ApproximateBlocks:
+    """vLLM block hashes of KV that kvshare filled approximately, with its depth.
+
+    vLLM caches at most ``capacity`` blocks and evicts the least recently used; a hash
+    refreshed on every hit and forgotten after ``capacity`` newer ones cannot belong to a
+    block vLLM still holds, so the table's bound loses nothing that matters.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._depth: OrderedDict[Any, int] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._depth)
+
+    def mark(self, block_hashes: list[Any], depth: int) -> None:
+        for block_hash in block_hashes:
+            self._depth[block_hash] = max(depth, self._depth.get(block_hash, 0))
+            self._depth.move_to_end(block_hash)
+        while len(self._depth) > self.capacity:
+            self._depth.popitem(last=False)
+
+    def first_approximate(self, block_hashes: list[Any]) -> tuple[int, int] | None:
+        """(index of the first approximate block, deepest depth among them) or None."""
+        first, depth = None, 0
+        for i, block_hash in enumerate(block_hashes):
+            found = self._depth.get(block_hash)
+            if found is not None:
+                self._depth.move_to_end(block_hash)
+                first = i if first is None else first
+                depth = max(depth, found)
+        return None if first is None else (first, depth)
+
+
 @dataclass
-class _Claim:
-    """The answer ``get_num_new_matched_tokens`` last gave for a request."""
+class _Origin:
+    """Where a request's KV comes from, decided once its claim is known."""
 
-    num_computed: int
-    """vLLM's own prefix-cache hit (block aligned)."""
-    num_claimed: int
-
-
-@dataclass
-class _Prefill:
-    """A request whose prompt KV will be stored once its prefill completes."""
-
-    token_ids: list[int]
-    block_ids: list[int] = field(default_factory=list)
-    emitted: bool = False
-    """A SaveSpec went out; the blocks are read in that step, so later changes don't matter."""
+    exact_tokens: int
+    """Leading tokens whose KV is exact."""
+    depth: int
+    """0 = all exact; else 1 + the deepest approximate source."""
 
 
 @dataclass
-class _PendingEntry:
-    """What the index entry needs once the worker confirms the chunks."""
-
-    text: str
-    token_ids: list[int]
+class _RequestState:
+    request: Request
     tenant: str
-    lookup: LookupResult
+    prompt_tokens: int
+    lookup: Future[LookupResult] | None = None
+    lookup_started: float = 0.0
+    saves_seen: int = -1
+    """``_saves_version`` when the lookup was submitted (redo it when saves land)."""
+    result: LookupResult | None = None
+    gave_up: bool = False
+    """The lookup failed or timed out: claim nothing, store nothing."""
+    claim: Claim | None = None
+    origin: _Origin | None = None
+    block_ids: list[int] = field(default_factory=list)
+    load_due: bool = False
+    loads_out: int = 0
+    """LoadSpecs sent whose report has not come back."""
+    report: LoadReport | None = None
+    save_sent: bool = False
+
+
+@dataclass
+class _Saving:
+    """An entry waiting for the worker to confirm its chunks."""
+
+    entry: IndexEntry
 
 
 class KVShareScheduler:
     """Claims, load plans and index commits; see the module docstring."""
 
-    def __init__(self, config: KVShareConfig, model_id: str, tokenizer_dir: str) -> None:
+    def __init__(self, config: KVShareConfig, model_id: str, tokenizer_dir: str,
+                 *, hash_block_size: int, num_kv_blocks: int) -> None:
         from transformers import AutoTokenizer
 
         self.config = config
@@ -92,127 +184,173 @@ class KVShareScheduler:
                                  cache_dir=config.home_dir / "wordllama")
         index = EntryIndex(config.index_dir, embedder.dim,
                            ann_min_rows=config.ann_index_min_rows,
-                           flush_rows=config.index_flush_rows)
+                           flush_rows=config.index_flush_rows,
+                           max_entries=config.index_max_entries, auto_flush=False)
         self.matcher = Matcher.from_config(config, index, embedder, model_id)
         self._tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        self._lookups: dict[str, LookupResult] = {}
-        self._claims: dict[str, _Claim] = {}
-        self._requests: dict[str, Request] = {}
-        self._loads_due: set[str] = set()
-        self._prefills: dict[str, _Prefill] = {}
-        self._pending: dict[str, _PendingEntry] = {}
-        self._reports: dict[str, LoadReport] = {}
+        self._hash_block_size = hash_block_size
+        self.approximate_blocks = ApproximateBlocks(capacity=num_kv_blocks)
+        self._requests: dict[str, _RequestState] = {}
+        self._saving: dict[str, _Saving] = {}
+        self._saves_version = 0
+        self._late_reports: dict[str, tuple[int, dict[str, Any]]] = {}
+        self._updates = 0
+        self._lookups = ThreadPoolExecutor(1, thread_name_prefix="kvshare-lookup")
+        self._writes = ThreadPoolExecutor(1, thread_name_prefix="kvshare-index")
+        self._flush_queued: Future | None = None
+        self._flushes = 0
+        if self.index.needs_flush:  # e.g. a large partition to index after opening
+            self._queue_flush()
+
+    @property
+    def index(self) -> EntryIndex:
+        return self.matcher.index
 
     # ------------------------------------------------------------------ claims
-    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> int:
-        """Tokens beyond vLLM's own hit that kvshare will fill; no side effect but caching."""
-        prompt = request.prompt_token_ids or []
-        limit = len(prompt) - 1 - num_computed_tokens
-        self._requests[request.request_id] = request
-        lookup = self._lookup(request)
-        claim = 0
-        if limit > 0 and lookup is not None and self._worth_loading(lookup.plan,
-                                                                     num_computed_tokens):
-            claim = limit
-        self._claims[request.request_id] = _Claim(num_computed_tokens, claim)
-        return claim
-
-    def _lookup(self, request: Request) -> LookupResult | None:
-        req_id = request.request_id
-        if req_id not in self._lookups:
-            prompt = list(request.prompt_token_ids or [])
-            if len(prompt) < 2:
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int
+                                   ) -> int | None:
+        """Tokens beyond vLLM's own hit that kvshare will fill, or None: ask again."""
+        try:
+            state = self._state_of(request)
+            if not self._lookup_ready(state):
                 return None
-            text = self._tokenizer.decode(prompt)
-            self._lookups[req_id] = self.matcher.lookup(text, prompt, tenant_of(request))
-        return self._lookups[req_id]
+            state.claim = (decide_claim(state.result.plan, num_computed_tokens, self.config)
+                           if state.result is not None
+                           else Claim(num_computed_tokens, num_computed_tokens, 0))
+            state.origin = self._origin(state, num_computed_tokens)
+            return state.claim.num_claimed
+        except Exception:
+            logger.exception("kvshare: lookup of %s failed; claiming nothing",
+                             request.request_id)
+            state = self._requests.get(request.request_id)
+            if state is not None:
+                state.gave_up, state.result, state.claim, state.origin = True, None, None, None
+            return 0
 
-    def _worth_loading(self, plan: ReusePlan, num_computed: int) -> bool:
-        """The plan passes both thresholds and reuses something vLLM has not computed."""
-        if (plan.reuse_fraction < self.config.min_reuse_fraction
-                or plan.reused_tokens < self.config.min_reuse_tokens):
+    def _state_of(self, request: Request) -> _RequestState:
+        state = self._requests.get(request.request_id)
+        if state is None:
+            state = self._requests[request.request_id] = _RequestState(
+                request, tenant_of(request), prompt_tokens_of(request))
+        return state
+
+    def _lookup_ready(self, state: _RequestState) -> bool:
+        """Whether the request's lookup is final: ``state.result`` is then the lookup, or
+        None when there is nothing to reuse (too short, failed, timed out)."""
+        if state.gave_up or state.result is not None:
+            return True
+        if state.prompt_tokens < 2:
+            state.gave_up = True
+            return True
+        if state.lookup is None:
+            self._submit_lookup(state)
             return False
-        return any(run.dst_end > num_computed for run in plan.runs)
+        waited = time.perf_counter() - state.lookup_started
+        if not state.lookup.done():
+            if waited > LOOKUP_TIMEOUT_S:
+                logger.warning("kvshare: lookup of %s took over %.0f s; claiming nothing",
+                               state.request.request_id, LOOKUP_TIMEOUT_S)
+                state.gave_up = True
+                return True
+            return False
+        result = state.lookup.result()  # raises what the lookup raised
+        in_flight = {saving.entry.entry_id for saving in self._saving.values()}
+        if in_flight.intersection(result.plan.source_entries):
+            if waited > PENDING_SAVE_WAIT_S:
+                logger.warning("kvshare: %s waited %.0f s for the save of its source; "
+                               "claiming nothing", state.request.request_id, waited)
+                state.gave_up = True
+                return True
+            if self._saves_version != state.saves_seen:
+                self._submit_lookup(state, keep_clock=True)  # a save landed: plan again
+            return False
+        state.result = result
+        return True
+
+    def _submit_lookup(self, state: _RequestState, keep_clock: bool = False) -> None:
+        ids = list(state.request.prompt_token_ids[:state.prompt_tokens])
+        in_flight = [saving.entry for saving in self._saving.values()]
+        state.saves_seen = self._saves_version
+        if not keep_clock:
+            state.lookup_started = time.perf_counter()
+        state.lookup = self._lookups.submit(self._lookup, ids, state.tenant, in_flight)
+
+    def _lookup(self, token_ids: list[int], tenant: str, in_flight: list[IndexEntry]
+                ) -> LookupResult:
+        text = self._tokenizer.decode(token_ids)
+        return self.matcher.lookup(text, token_ids, tenant, extra=in_flight)
+
+    def _origin(self, state: _RequestState, num_computed: int) -> _Origin:
+        """Exact leading tokens and depth of the KV this request will have."""
+        exact, depth = len(state.request.prompt_token_ids), 0
+        hit_blocks = state.request.block_hashes[:num_computed // self._hash_block_size]
+        approximate = self.approximate_blocks.first_approximate(hit_blocks)
+        if approximate is not None:
+            exact, depth = approximate[0] * self._hash_block_size, approximate[1]
+        if state.claim.num_claimed == 0:
+            return _Origin(exact, depth)
+        sources = {hit.entry.entry_id: hit.entry for hit in state.result.hits}
+        return _Origin(*kv_origin(state.claim, state.result.plan, sources, exact, depth))
 
     def update_state_after_alloc(self, request: Request, num_external_tokens: int) -> None:
-        if num_external_tokens > 0:
-            claim = self._claims[request.request_id]
-            if claim.num_claimed != num_external_tokens:
-                raise RuntimeError(
-                    f"kvshare claimed {claim.num_claimed} tokens for {request.request_id} but "
-                    f"vLLM allocated for {num_external_tokens}"
-                )
-            self._loads_due.add(request.request_id)
+        if num_external_tokens <= 0:
+            return
+        state = self._requests[request.request_id]
+        if state.claim is None or state.claim.num_claimed != num_external_tokens:
+            raise RuntimeError(
+                f"kvshare claimed {state.claim and state.claim.num_claimed} tokens for "
+                f"{request.request_id} but vLLM allocated for {num_external_tokens}")
+        state.load_due = True
 
     # ------------------------------------------------------------------ per step
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVShareConnectorMetadata:
         meta = KVShareConnectorMetadata()
         num_scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
-            block_ids = list(new.block_ids[0])
-            self._track(new.req_id, block_ids, replace=True)
-            if new.req_id in self._loads_due:
-                meta.loads.append(self._load_spec(new.req_id, block_ids))
-            self._maybe_save(meta, new.req_id, new.num_computed_tokens + num_scheduled[new.req_id])
+            state = self._requests.get(new.req_id)
+            if state is None:
+                continue
+            state.block_ids = list(new.block_ids[0])
+            self._on_scheduled(meta, state)
+            self._maybe_save(meta, state, new.num_computed_tokens + num_scheduled[new.req_id])
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
+            state = self._requests.get(req_id)
+            if state is None:
+                continue
             resumed = req_id in cached.resumed_req_ids
             new_blocks = cached.new_block_ids[i]
             if new_blocks is not None:
-                self._track(req_id, list(new_blocks[0]), replace=resumed)
-            if resumed and req_id in self._loads_due:
-                meta.loads.append(self._load_spec(req_id, self._prefills[req_id].block_ids))
-            self._maybe_save(meta, req_id, cached.num_computed_tokens[i] + num_scheduled[req_id])
+                blocks = list(new_blocks[0])
+                state.block_ids = blocks if resumed else state.block_ids + blocks
+            if resumed:
+                self._on_scheduled(meta, state)
+            self._maybe_save(meta, state, cached.num_computed_tokens[i] + num_scheduled[req_id])
         return meta
 
-    def _track(self, req_id: str, block_ids: list[int], replace: bool) -> None:
-        prefill = self._prefills.get(req_id)
-        if prefill is None:
-            request = self._requests.get(req_id)
-            if request is None or not self._should_store(request):
-                return
-            prefill = self._prefills[req_id] = _Prefill(list(request.prompt_token_ids))
-        prefill.block_ids = block_ids if replace else prefill.block_ids + block_ids
+    def _on_scheduled(self, meta: KVShareConnectorMetadata, state: _RequestState) -> None:
+        """First scheduling (or resumption after preemption): load what was claimed."""
+        if state.origin is not None and state.origin.depth > 0:
+            self._mark_approximate(state)
+        if state.load_due:
+            state.load_due = False
+            meta.loads.append(self._load_spec(state))
+            state.loads_out += 1
+            self.index.record_hits(state.result.plan.source_entries)
 
-    def _should_store(self, request: Request) -> bool:
-        """Long enough, computed by vLLM (exact), and not already an entry of its scope."""
-        prompt = request.prompt_token_ids or []
-        if len(prompt) < self.config.min_store_tokens:
-            return False
-        if self._claims.get(request.request_id, _Claim(0, 0)).num_claimed:
-            return False
-        lookup = self._lookups.get(request.request_id)
-        return lookup is None or not any(
-            hit.entry.scope == tenant_of(request) and hit.entry.num_tokens == len(prompt)
-            and hit.entry.token_ids.tolist() == list(prompt)
-            for hit in lookup.hits
-        )
+    def _mark_approximate(self, state: _RequestState) -> None:
+        """vLLM's prefix cache now holds this request's approximate blocks under its hashes."""
+        if self.config.strict_prefix_cache:
+            return  # prefix caching is off: vLLM reuses nothing
+        first = state.origin.exact_tokens // self._hash_block_size
+        self.approximate_blocks.mark(list(state.request.block_hashes[first:]),
+                                     state.origin.depth)
 
-    def _maybe_save(self, meta: KVShareConnectorMetadata, req_id: str, computed_after: int
-                    ) -> None:
-        prefill = self._prefills.get(req_id)
-        if prefill is None or prefill.emitted or computed_after < len(prefill.token_ids):
-            return
-        prefill.emitted = True
-        meta.saves.append(SaveSpec(req_id, prefill.token_ids, prefill.block_ids))
-        request = self._requests[req_id]
-        lookup = self._lookups.get(req_id) or self._lookup(request)
-        self._pending[req_id] = _PendingEntry(
-            text=self._tokenizer.decode(prefill.token_ids), token_ids=prefill.token_ids,
-            tenant=tenant_of(request), lookup=lookup)
-
-    def _load_spec(self, req_id: str, block_ids: list[int]) -> LoadSpec:
-        self._loads_due.discard(req_id)
-        request, claim = self._requests[req_id], self._claims[req_id]
-        lookup = self._lookups[req_id]
-        start = claim.num_computed
-        runs = []
-        for run in lookup.plan.runs:
-            skip = max(0, start - run.dst_start)
-            if skip < run.length:
-                runs.append(Run(run.dst_start + skip, run.entry_id, run.src_start + skip,
-                                run.length - skip))
-        entries = {hit.entry.entry_id: hit.entry for hit in lookup.hits}
+    def _load_spec(self, state: _RequestState) -> LoadSpec:
+        request, claim, result = state.request, state.claim, state.result
+        runs = [Run(run.dst_start, run.entry_id, run.src_start, run.length)
+                for run in claimed_runs(result.plan, claim)]
+        entries = {hit.entry.entry_id: hit.entry for hit in result.hits}
         sources = {
             run.entry_id: SourceEntry(entries[run.entry_id].token_ids.tolist(),
                                       list(entries[run.entry_id].chunk_keys))
@@ -220,34 +358,135 @@ class KVShareScheduler:
         }
         extra = request.sampling_params.extra_args if request.sampling_params else None
         rho = float((extra or {}).get(RHO_ARG, self.config.rho))
-        return LoadSpec(req_id=req_id, token_ids=list(request.prompt_token_ids),
-                        block_ids=block_ids, num_computed=start, num_claimed=claim.num_claimed,
-                        runs=runs, sources=sources, rho=rho)
+        return LoadSpec(req_id=request.request_id, token_ids=list(request.prompt_token_ids),
+                        block_ids=state.block_ids, num_computed=claim.start,
+                        num_claimed=claim.num_claimed, runs=runs, sources=sources, rho=rho,
+                        tail_start=max(claim.start, min(claim.end, tail_start(
+                            state.prompt_tokens, self.config))))
+
+    def _maybe_save(self, meta: KVShareConnectorMetadata, state: _RequestState,
+                    computed_after: int) -> None:
+        prompt = state.request.prompt_token_ids
+        if state.save_sent or computed_after < len(prompt):
+            return
+        state.save_sent = True
+        try:
+            entry = self._entry_to_store(state)
+        except Exception:
+            logger.exception("kvshare: not storing %s", state.request.request_id)
+            return
+        if entry is None:
+            return
+        meta.saves.append(SaveSpec(state.request.request_id, list(prompt), state.block_ids,
+                                   scope=entry.scope, entry_id=entry.entry_id,
+                                   exact_tokens=entry.exact_tokens))
+        self._saving[state.request.request_id] = _Saving(entry)
+
+    def _entry_to_store(self, state: _RequestState) -> IndexEntry | None:
+        """The entry a finished prefill becomes, or None when it is not worth storing."""
+        prompt = list(state.request.prompt_token_ids)
+        result, origin = state.result, state.origin
+        if (state.gave_up or result is None or origin is None
+                or state.prompt_tokens < len(prompt) or len(prompt) < self.config.min_store_tokens
+                or origin.depth > self.config.max_approx_depth):
+            return None
+        if any(hit.entry.scope == state.tenant and hit.entry.num_tokens == len(prompt)
+               and hit.entry.token_ids.tolist() == prompt and hit.entry.depth <= origin.depth
+               for hit in result.hits):
+            return None  # this scope already holds this prompt, at least as exact
+        return IndexEntry(
+            entry_id=new_entry_id(), model_id=self.matcher.model_id, scope=state.tenant,
+            embedding=result.embedding, token_ids=prompt,
+            text_preview=self._tokenizer.decode(prompt[:64]),
+            depth=origin.depth, exact_tokens=min(origin.exact_tokens, len(prompt)))
 
     # ------------------------------------------------------------------ worker feedback
     def update_connector_output(self, worker_meta: KVShareWorkerMetadata | None) -> None:
-        if worker_meta is None:
-            return
+        self._updates += 1
+        if worker_meta is not None:
+            self._commit(worker_meta)
+            for report in worker_meta.loads:
+                self._take_report(report)
+        for req_id, (update, _) in list(self._late_reports.items()):
+            if self._updates - update >= LATE_REPORT_STEPS:
+                del self._late_reports[req_id]
+
+    def _commit(self, worker_meta: KVShareWorkerMetadata) -> None:
+        landed = False
         for req_id, keys in worker_meta.stored.items():
-            pending = self._pending.pop(req_id, None)
-            if pending is not None:
-                self.matcher.insert(pending.text, pending.token_ids, pending.tenant,
-                                    embedding=pending.lookup.embedding, chunk_keys=keys)
+            saving = self._saving.pop(req_id, None)
+            if saving is not None:
+                saving.entry.chunk_keys = keys
+                evicted = self.index.add([saving.entry])
+                if evicted:
+                    logger.info("kvshare: index at capacity, dropped %d least recently "
+                                "used entries", len(evicted))
+                landed = True
         for req_id in worker_meta.not_stored:
-            self._pending.pop(req_id, None)
-        for report in worker_meta.loads:
-            self._reports[report.req_id] = report
-            logger.info("kvshare: %s", report)
+            landed |= self._saving.pop(req_id, None) is not None
+        missing = worker_meta.missing_entries
+        if missing:
+            logger.info("kvshare: dropping %d entries whose chunks are gone", len(missing))
+            self.index.delete(missing)
+        if landed:
+            self._saves_version += 1
+        if landed or missing:
+            self._queue_flush()
+
+    def _take_report(self, report: LoadReport) -> None:
+        logger.info("kvshare: %s", report)
+        state = self._requests.get(report.req_id)
+        if state is not None:
+            state.report = report
+            state.loads_out = max(0, state.loads_out - 1)
+            return
+        late = self._late_reports.pop(report.req_id, None)
+        if late is not None:
+            late[1].update(report.as_dict())
 
     def request_finished(self, request: Request) -> dict[str, Any] | None:
-        """Forget the request; its load report (if the load step's output arrived) is
-        returned to the user as ``kv_transfer_params["kvshare"]``."""
-        req_id = request.request_id
-        for table in (self._lookups, self._claims, self._requests, self._prefills):
-            table.pop(req_id, None)
-        self._loads_due.discard(req_id)
-        report = self._reports.pop(req_id, None)
-        return {"kvshare": report.as_dict()} if report is not None else None
+        """Forget the request; return its load report as ``kv_transfer_params["kvshare"]``.
+
+        A request that finishes in its load step (``max_tokens=1``, EOS first) is
+        finished before this step's worker output is read: its report dict is handed to
+        vLLM now and filled in place by :meth:`update_connector_output` of the same step,
+        before vLLM sends the output.
+        """
+        state = self._requests.pop(request.request_id, None)
+        if state is None:
+            return None
+        if state.lookup is not None:
+            state.lookup.cancel()
+        if state.origin is not None and state.origin.depth > 0:
+            self._mark_approximate(state)  # its output blocks are approximate too
+        if state.report is None and not state.loads_out:
+            return None
+        # The approximation depth of the request's KV: 0 exact, else 1 + its deepest source.
+        report: dict[str, Any] = {"depth": state.origin.depth}
+        if state.loads_out:
+            self._late_reports[request.request_id] = (self._updates, report)
+        else:
+            report.update(state.report.as_dict())
+        return {"kvshare": report}
+
+    # ------------------------------------------------------------------ index writes
+    def _queue_flush(self) -> None:
+        """One LanceDB flush at a time, off the EngineCore thread; compaction now and then."""
+        if self._flush_queued is not None and not self._flush_queued.done():
+            return
+        self._flush_queued = self._writes.submit(self._flush)
+
+    def _flush(self) -> None:
+        try:
+            self.index.flush()
+            self._flushes += 1
+            if self._flushes % COMPACT_EVERY_FLUSHES == 0:
+                self.index.compact()
+        except Exception:
+            logger.exception("kvshare: writing the index failed; entries stay in memory "
+                             "and are written with the next flush")
 
     def shutdown(self) -> None:
-        self.matcher.index.close()
+        self._lookups.shutdown(wait=False, cancel_futures=True)
+        self._writes.shutdown(wait=True)
+        self.index.close()

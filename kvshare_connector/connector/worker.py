@@ -10,8 +10,13 @@ too, the claimed blocks are reported through ``get_block_ids_with_load_errors`` 
 vLLM's ``kv_load_failure_policy`` decides (``recompute`` re-runs the prefill).
 
 Save (``wait_for_save``, after the forward of the step that completes a prompt):
-read the prompt's K/V from its blocks, cut it into content-addressed chunks, store
-them synchronously and report the keys the tiers now hold.
+copy the prompt's K/V out of its blocks (the blocks may be reused once the step ends)
+and hand it to the write-behind :class:`~kvshare.connector.save_queue.SaveQueue`; a later
+step reports the chunk keys the tiers then hold, or that the prompt was not stored.
+
+Every load yields a :class:`LoadReport`, with ``fallback`` set when the selective fill
+failed; source entries whose chunks were missing are reported so that the scheduler
+drops them from the index.
 """
 
 from __future__ import annotations
@@ -31,11 +36,12 @@ from kvshare.connector.metadata import (
     SaveSpec,
 )
 from kvshare.connector.paged_kv import PagedKV
+from kvshare.connector.save_queue import SaveJob, SaveQueue
 from kvshare.plugin import loaded_model
 from kvshare.recompute.engine import PromptKV, SelectiveRecomputeEngine
 from kvshare.recompute.rope import rerotate_keys
 from kvshare.recompute.vllm_adapter import VLLMDecoderAdapter
-from kvshare.storage.chunk import KVLayout, split_prompt_kv
+from kvshare.storage.chunk import KVLayout
 from kvshare.storage.commit import fetch_entry_chunks
 from kvshare.tiers_setup import build_store
 
@@ -49,6 +55,8 @@ class KVShareWorker:
         self.config = config
         self.model_id = model_id
         self.store = build_store(config)
+        self.saves = SaveQueue(self.store, model_id, config.chunk_tokens,
+                               config.save_queue_bytes)
         self.paged: PagedKV | None = None
         self.adapter: VLLMDecoderAdapter | None = None
         self.layout: KVLayout | None = None
@@ -68,31 +76,35 @@ class KVShareWorker:
     def start_load_kv(self, meta: KVShareConnectorMetadata) -> None:
         for spec in meta.loads:
             started = time.perf_counter()
+            missing: set[str] = set()
             try:
-                loaded, recomputed, load_seconds = self._fill(spec, spec.rho)
+                loaded, recomputed, load_seconds = self._fill(spec, spec.rho, missing)
                 fallback = False
             except Exception:
                 logger.exception("kvshare: selective fill of %s failed; recomputing the claim",
                                  spec.req_id)
                 try:
-                    loaded, recomputed, load_seconds = self._fill(spec, 1.0, load=False)
+                    loaded, recomputed, load_seconds = self._fill(spec, 1.0, missing, load=False)
                     fallback = True
                 except Exception:
                     logger.exception("kvshare: full recompute of %s failed; reporting its "
                                      "blocks as load errors", spec.req_id)
                     self._load_errors.update(self._claimed_blocks(spec))
                     continue
+            self._out.missing_entries |= missing
             self._out.loads.append(LoadReport(
                 req_id=spec.req_id, claimed=spec.num_claimed, loaded=loaded,
                 recomputed=recomputed, fallback=fallback,
                 seconds=time.perf_counter() - started, load_seconds=load_seconds,
                 sources=len(spec.sources)))
 
-    def _fill(self, spec: LoadSpec, rho: float, load: bool = True) -> tuple[int, int, float]:
+    def _fill(self, spec: LoadSpec, rho: float, missing: set[str], load: bool = True
+              ) -> tuple[int, int, float]:
         """Write K/V for positions ``[num_computed, end)``.
 
         Returns the claimed tokens loaded, the tokens recomputed, and the seconds spent
-        loading (fetch + re-rotation)."""
+        loading (fetch + re-rotation). Adds to ``missing`` the sources some of whose
+        chunks could not be loaded."""
         adapter, paged = self.adapter, self.paged
         start, end = spec.num_computed, spec.end
         # Rows below ``start`` (vLLM's exact prefix hit) stay in the blocks, where the
@@ -102,10 +114,10 @@ class KVShareWorker:
         pending[:start] = False
         load_started = time.perf_counter()
         if load:
-            self._load_runs(spec, kv, pending)
+            self._load_runs(spec, kv, pending, missing)
         load_seconds = time.perf_counter() - load_started
         loaded = spec.num_claimed - int(pending.sum())
-        pending[max(start, end - self.config.recompute_tail_tokens):] = True
+        pending[spec.tail_start:] = True
         adapter.bind(spec.block_ids, write_from=start)
         engine = SelectiveRecomputeEngine(adapter, rho=rho, check_layers=self.config.check_layers)
         result = engine.prefill(spec.token_ids[:end], kv, pending.nonzero().flatten(),
@@ -117,7 +129,8 @@ class KVShareWorker:
             paged.write(layer, kv.keys[layer, start:end], kv.values[layer, start:end], slots)
         return loaded, int(result.tracked.numel()), load_seconds
 
-    def _load_runs(self, spec: LoadSpec, kv: PromptKV, pending: torch.Tensor) -> None:
+    def _load_runs(self, spec: LoadSpec, kv: PromptKV, pending: torch.Tensor,
+                   missing: set[str]) -> None:
         """Copy each run's verified source rows into ``kv``, keys moved to their new place.
 
         Rows go from each chunk straight to their destination, a chunk's part at a time:
@@ -142,6 +155,7 @@ class KVShareWorker:
                 for index in touched:
                     chunk = held.get(index)
                     if chunk is None:
+                        missing.add(entry_id)
                         continue  # lost or unverified: these positions stay pending
                     lo = max(run.src_start, index * ct)
                     hi = min(run.src_start + run.length, index * ct + chunk.kv.shape[2])
@@ -165,28 +179,30 @@ class KVShareWorker:
     def wait_for_save(self, meta: KVShareConnectorMetadata) -> None:
         for spec in meta.saves:
             try:
-                self._save(spec)
+                self.saves.submit(SaveJob(spec.req_id, self._read_prompt(spec), spec.token_ids,
+                                          spec.scope, spec.entry_id, spec.exact_tokens))
             except Exception:
-                logger.exception("kvshare: storing the prompt of %s failed", spec.req_id)
+                logger.exception("kvshare: reading the prompt of %s failed", spec.req_id)
                 self._out.not_stored.add(spec.req_id)
 
-    def _save(self, spec: SaveSpec) -> None:
+    def _read_prompt(self, spec: SaveSpec) -> torch.Tensor:
+        """A private copy of the prompt's K/V, ``[num_layers, 2, num_tokens, heads, dim]``."""
         num_tokens = len(spec.token_ids)
         slots = self.paged.slots(spec.block_ids, 0, num_tokens)
         kv = torch.empty(self.layout.shape(num_tokens), dtype=self.layout.dtype)
         for layer in range(self.layout.num_layers):
             kv[layer, 0], kv[layer, 1] = self.paged.read(layer, slots)
-        chunks = split_prompt_kv(self.model_id, kv, spec.token_ids, self.config.chunk_tokens)
-        self.store.put(chunks)
-        keys = [chunk.key for chunk in chunks]
-        if all(self.store.contains(keys)):
-            self._out.stored[spec.req_id] = [key.hex() for key in keys]
-        else:
-            self._out.not_stored.add(spec.req_id)
+        return kv
 
     def build_connector_worker_meta(self) -> KVShareWorkerMetadata | None:
+        for result in self.saves.take_results():
+            if result.chunk_keys is None:
+                self._out.not_stored.add(result.req_id)
+            else:
+                self._out.stored[result.req_id] = result.chunk_keys
         out, self._out = self._out, KVShareWorkerMetadata()
-        return out if (out.stored or out.not_stored or out.loads) else None
+        return out if (out.stored or out.not_stored or out.loads or out.missing_entries) else None
 
     def shutdown(self) -> None:
+        self.saves.close()
         self.store.close()
