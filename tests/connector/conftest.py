@@ -1,64 +1,50 @@
-"""One real vLLM CPU engine per connector configuration, shared by the whole session.
+"""Real vLLM CPU engines with the connector, shared by the whole session.
 
 An engine start costs about a minute on two cores, so the suite starts at most two:
 prefix caching on (the default setup) and off with ``strict_prefix_cache``. Each test
 works in its own tenant (``cache_salt``), so tests never see each other's entries, and
 a fresh tenant doubles as "vanilla vLLM" (nothing to reuse, no prefix-cache hit).
 
-Both engines use ``max_num_batched_tokens = BUDGET``: a prompt of ``BUDGET + 1`` tokens
-is then prefilled by vanilla vLLM as ``BUDGET`` tokens then 1, the same split that a
-full kvshare claim imposes (kvshare fills ``BUDGET`` tokens, vLLM computes the last),
-so greedy outputs can be compared exactly. The only tier is a disk directory, so tests
-can delete and corrupt chunks from outside the worker process.
+The strict engine runs as users run vLLM, its EngineCore in a child process. The
+prefix-caching engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, started
+second so that no child is forked from a process holding an engine): its connector halves
+are the same code, and tests can look at their state (no request state left behind,
+index entries, the save queue) and step the engine request by request. Its KV cache is
+small (``KV_CACHE_BLOCKS``), so long requests preempt each other.
+
+Both engines use ``max_num_batched_tokens = BUDGET``. With the tail computed by vLLM,
+a prompt of ``SPLIT`` tokens is claimed up to position ``BUDGET`` and vLLM prefills the
+rest, the same split as vanilla vLLM's chunked prefill of that prompt, so greedy outputs
+can be compared exactly. The only tier is a disk directory, so tests can delete and
+corrupt chunks from outside the worker.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-BUDGET = 256
-"""``max_num_batched_tokens`` of the test engines (tokens per step)."""
+from engines import BUDGET, KV_CACHE_BLOCKS, Engine
 
 
-@dataclass
-class Engine:
-    llm: object
-    home: Path
-    chunk_dir: Path
-    model_id: str
-    budget: int = BUDGET
-    """``max_num_batched_tokens``."""
-
-    def run(self, token_ids: list[int], tenant: str, *, rho: float | None = None,
-            max_tokens: int = 8):
-        """Greedy completion of ``token_ids`` in ``tenant``; one RequestOutput.
-
-        At least 2 output tokens: kvshare's load report reaches the request's
-        ``kv_transfer_params`` one step after the prefill.
-        """
-        from vllm import SamplingParams
-
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
-                                extra_args={"kvshare_rho": rho} if rho is not None else None)
-        prompt = {"prompt_token_ids": list(token_ids), "cache_salt": tenant}
-        return self.llm.generate([prompt], params, use_tqdm=False)[0]
-
-
-def _start(tmp_path_factory, name: str, *, prefix_caching: bool, **extra) -> Engine:
+def _start(tmp_path_factory, name: str, *, prefix_caching: bool, in_process: bool = False,
+           kv_cache_blocks: int | None = None, **extra) -> Engine:
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
     from kvshare.model_assets import resolve_model_dir
+    from kvshare.model_identity import model_fingerprint
 
     os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "1"
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
     home = tmp_path_factory.mktemp(name)
     model = str(resolve_model_dir("smollm2-135m-instruct"))
     extra_config = {"home": str(home), "cpu_bytes": 0, "disk_dir": str(home / "chunks"),
                     "share_public_scope": False, **extra}
+    sizing = {}
+    if kv_cache_blocks is not None:
+        sizing["kv_cache_memory_bytes"] = kv_cache_blocks * 128 * _bytes_per_token(model)
     llm = LLM(
         model=model, enforce_eager=True, gpu_memory_utilization=0.3, max_model_len=2048,
         max_num_batched_tokens=BUDGET, enable_prefix_caching=prefix_caching, seed=0,
@@ -66,21 +52,33 @@ def _start(tmp_path_factory, name: str, *, prefix_caching: bool, **extra) -> Eng
             kv_connector="KVShareConnector", kv_connector_module_path="kvshare.connector",
             kv_role="kv_both", kv_load_failure_policy="recompute",
             kv_connector_extra_config=extra_config),
+        **sizing,
     )
-    return Engine(llm=llm, home=home, chunk_dir=home / "chunks", model_id=model)
+    return Engine(llm=llm, home=home, chunk_dir=home / "chunks",
+                  model_id=model_fingerprint(model, home))
 
 
-@pytest.fixture(scope="session")
-def engine(tmp_path_factory) -> Engine:
-    """Connector with vLLM prefix caching on (vLLM's default)."""
-    return _start(tmp_path_factory, "kvshare-prefix-on", prefix_caching=True)
+def _bytes_per_token(model_dir: str) -> int:
+    import json
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    return config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * head_dim * 2
 
 
 @pytest.fixture(scope="session")
 def strict_engine(tmp_path_factory) -> Engine:
-    """Connector with prefix caching off and ``strict_prefix_cache``."""
+    """Connector with prefix caching off and ``strict_prefix_cache``, as users run vLLM."""
     return _start(tmp_path_factory, "kvshare-strict", prefix_caching=False,
                   strict_prefix_cache=True)
+
+
+@pytest.fixture(scope="session")
+def engine(tmp_path_factory, strict_engine) -> Engine:
+    """Connector with vLLM prefix caching on (vLLM's default), in this process, with a
+    small KV cache. Started after ``strict_engine`` (see the module docstring)."""
+    return _start(tmp_path_factory, "kvshare-prefix-on", prefix_caching=True, in_process=True,
+                  kv_cache_blocks=KV_CACHE_BLOCKS)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,75 @@
+"""The connector test engines: sizes shared by the tests, and a handle on one engine.
+
+See ``conftest.py`` for how the engines start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvshare.config import KVShareConfig
+
+BUDGET = 256
+"""``max_num_batched_tokens`` of the test engines (tokens per step)."""
+TAIL = KVShareConfig().recompute_tail_tokens
+SPLIT = BUDGET + TAIL + 1
+"""Prompt length whose claim (without a prefix hit) ends at ``BUDGET``, where vanilla
+vLLM's chunked prefill splits it too."""
+KV_CACHE_BLOCKS = 20
+"""Blocks of 128 tokens in the in-process engine's KV cache: more than one 2,048-token
+request needs, few enough that two long requests preempt each other."""
+
+
+@dataclass
+class Engine:
+    llm: object
+    home: Path
+    chunk_dir: Path
+    model_id: str
+    budget: int = BUDGET
+
+    def run(self, token_ids: list[int], tenant: str, *, rho: float | None = None,
+            max_tokens: int = 8, **params):
+        """Greedy completion of ``token_ids`` in ``tenant``; one RequestOutput."""
+        return self.run_many([token_ids], tenant, rho=rho, max_tokens=max_tokens, **params)[0]
+
+    def run_many(self, prompts: list[list[int]], tenant: str, *, rho: float | None = None,
+                 max_tokens: int = 8, **params):
+        """Greedy completions of several prompts submitted together (one batch)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                ignore_eos=params.pop("ignore_eos", True),
+                                extra_args={"kvshare_rho": rho} if rho is not None else None,
+                                **params)
+        batch = [{"prompt_token_ids": list(ids), "cache_salt": tenant} for ids in prompts]
+        return self.llm.generate(batch, params, use_tqdm=False)
+
+    @property
+    def engine_core(self):
+        """The EngineCore (in-process engines only)."""
+        return self.llm.llm_engine.engine_core.engine_core
+
+    @property
+    def scheduler(self):
+        """The connector's scheduler half (claims, index)."""
+        return self.engine_core.scheduler.connector._scheduler
+
+    @property
+    def worker(self):
+        """The connector's worker half (tiers, loads, saves)."""
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+        return get_kv_transfer_group()._worker
+
+    def settle(self) -> None:
+        """Finish every save in flight and commit its entry (one empty engine step)."""
+        self.worker.saves.drain()
+        self.engine_core.step()
+        assert not self.scheduler._saving, "a save was not answered"
+
+    def entries(self, tenant: str) -> list:
+        """Index entries of ``tenant``, oldest first."""
+        return sorted((e for e in self.scheduler.index.entries() if e.scope == tenant),
+                      key=lambda e: e.created_at)
