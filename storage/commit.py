@@ -1,13 +1,15 @@
-"""Entry commit and entry load: the two places where the index meets the chunk store.
+"""Entry commit, entry load and reconciliation: where the index meets the chunk store.
 
 Commit order is the invariant "no index entry points at nothing (at commit time)":
 chunks are stored first, then checked to be held by at least one tier, and only entries
 whose every chunk passed are added to the index, in one ``add`` call.
 
-Chunks can still disappear later (LRU eviction, TTL, a flushed Redis). Loading is
-therefore partial by design: it returns whatever verified KV it could fetch and a
-per-token mask; the tokens of missing, corrupt or mismatching chunks are simply
-recomputed by the engine, as if they had never been cached.
+Chunks can still disappear later (LRU eviction, TTL, a flushed Redis, a CPU tier that
+died with its process). Loading is therefore partial by design: it returns whatever
+verified KV it could fetch and a per-token mask; the tokens of missing, corrupt or
+mismatching chunks are simply recomputed by the engine, as if they had never been
+cached. Entries whose chunks are gone are found by loads and by
+:func:`entries_missing_chunks` (at start-up), and their owner deletes them.
 """
 
 from __future__ import annotations
@@ -126,3 +128,21 @@ def load_entry_kv(store: TieredStore, keys: Sequence[ChunkKey],
         kv[:, :, start:end].copy_(chunk.kv)
         available[start:end] = True
     return LoadedKV(kv=kv, available=available)
+
+
+def entries_missing_chunks(store: TieredStore, chunk_keys: dict[str, Sequence[str]],
+                           batch_entries: int = 1024) -> set[str]:
+    """Ids of the entries (id -> hex chunk keys) some of whose chunks ``store`` lacks.
+
+    Asks the tiers in batches of ``batch_entries`` entries, so a large index is checked
+    with few round trips and bounded memory.
+    """
+    missing: set[str] = set()
+    items = list(chunk_keys.items())
+    for start in range(0, len(items), batch_entries):
+        batch = items[start:start + batch_entries]
+        keys = list({bytes.fromhex(key) for _, keys in batch for key in keys})
+        held = dict(zip(keys, store.contains(keys)))
+        missing.update(entry_id for entry_id, keys in batch
+                       if not keys or not all(held[bytes.fromhex(key)] for key in keys))
+    return missing

@@ -665,6 +665,24 @@ class EntryIndex:
         )
 
 
+def stored_chunk_keys(path: str | Path) -> dict[str, list[str]]:
+    """Entry id -> hex chunk keys of every durable entry of the index at ``path``.
+
+    Reads two columns of the LanceDB table without building the mirror and never writes,
+    so a process that holds chunks but not the index (the connector's worker) can check
+    them beside the index's writer. An index that was never written reads as empty.
+    """
+    import lancedb
+
+    if not Path(path).is_dir():
+        return {}
+    db = lancedb.connect(str(path))
+    if TABLE_NAME not in db.list_tables().tables:
+        return {}
+    table = db.open_table(TABLE_NAME).to_arrow().select(["entry_id", "chunk_keys"])
+    return dict(zip(table.column("entry_id").to_pylist(), table.column("chunk_keys").to_pylist()))
+
+
 def _entries_from_arrow(table: pa.Table, dim: int) -> tuple[list[IndexEntry], np.ndarray]:
     """Rows as entries, and their embeddings stacked (``[rows, dim]`` float32).
 

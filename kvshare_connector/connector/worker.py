@@ -16,12 +16,15 @@ step reports the chunk keys the tiers then hold, or that the prompt was not stor
 
 Every load yields a :class:`LoadReport`, with ``fallback`` set when the selective fill
 failed; source entries whose chunks were missing are reported so that the scheduler
-drops them from the index.
+drops them from the index. At start-up a background thread checks every durable index
+entry against the tiers (a CPU tier starts empty; disk and Redis may have lost chunks)
+and reports the entries whose chunks are gone the same way.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import defaultdict
 
@@ -42,7 +45,8 @@ from kvshare.recompute.engine import PromptKV, SelectiveRecomputeEngine
 from kvshare.recompute.rope import rerotate_keys
 from kvshare.recompute.vllm_adapter import VLLMDecoderAdapter
 from kvshare.storage.chunk import KVLayout
-from kvshare.storage.commit import fetch_entry_chunks
+from kvshare.storage.commit import entries_missing_chunks, fetch_entry_chunks
+from kvshare.storage.index import stored_chunk_keys
 from kvshare.tiers_setup import build_store
 
 logger = logging.getLogger(__name__)
@@ -62,6 +66,9 @@ class KVShareWorker:
         self.layout: KVLayout | None = None
         self._out = KVShareWorkerMetadata()
         self._load_errors: set[int] = set()
+        self._reconciled: set[str] = set()
+        """Entries found without their chunks at start-up, not reported yet."""
+        self._reconciled_lock = threading.Lock()
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         model = loaded_model()
@@ -70,6 +77,20 @@ class KVShareWorker:
         self.adapter = VLLMDecoderAdapter(model, self.paged)
         self.layout = KVLayout(self.adapter.num_layers, self.adapter.num_kv_heads,
                                self.adapter.head_dim, self.adapter.dtype)
+        threading.Thread(target=self._reconcile, name="kvshare-reconcile", daemon=True).start()
+
+    def _reconcile(self) -> None:
+        """Find the durable index entries whose chunks the tiers no longer hold."""
+        try:
+            missing = entries_missing_chunks(self.store, stored_chunk_keys(self.config.index_dir))
+        except Exception:
+            logger.exception("kvshare: checking the index against the tiers failed; entries "
+                             "with lost chunks are dropped when a load finds them")
+            return
+        if missing:
+            logger.info("kvshare: %d index entries lost their chunks", len(missing))
+        with self._reconciled_lock:
+            self._reconciled |= missing
 
     # ------------------------------------------------------------------ load
     @torch.inference_mode()
@@ -195,6 +216,9 @@ class KVShareWorker:
         return kv
 
     def build_connector_worker_meta(self) -> KVShareWorkerMetadata | None:
+        with self._reconciled_lock:
+            self._out.missing_entries |= self._reconciled
+            self._reconciled = set()
         for result in self.saves.take_results():
             if result.chunk_keys is None:
                 self._out.not_stored.add(result.req_id)

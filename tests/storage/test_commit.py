@@ -7,8 +7,9 @@ import torch
 from kv_samples import SMALL, random_kv
 
 from kvshare.storage.chunk import split_prompt_kv
-from kvshare.storage.commit import commit_entries, load_entry_kv
+from kvshare.storage.commit import commit_entries, entries_missing_chunks, load_entry_kv
 from kvshare.storage.disk_tier import DiskTier
+from kvshare.storage.index import EntryIndex, IndexEntry, stored_chunk_keys
 from kvshare.storage.memory_tier import MemoryTier
 from kvshare.storage.redis_tier import RedisTier
 from kvshare.storage.tiered_store import TieredStore
@@ -133,3 +134,20 @@ def test_load_checks_the_number_of_keys(tmp_path, codec):
     store = TieredStore([DiskTier(tmp_path, 1 << 20, codec)])
     with pytest.raises(ValueError, match="2 chunk keys for 40 tokens in chunks of 16; expected 3"):
         load_entry_kv(store, [b"\0" * 16] * 2, list(range(40)), 16, SMALL)
+
+
+def test_reconciliation_finds_the_entries_whose_chunks_are_gone(tmp_path, codec):
+    """A restart: the index was written by one process, the tiers lost some chunks, and
+    another process (the connector's worker) checks without opening the index's mirror."""
+    store = TieredStore([DiskTier(tmp_path / "chunks", 1 << 20, codec)])
+    kept, lost = prompt("kept", list(range(40)), 0), prompt("lost", list(range(300, 340)), 1)
+    store.put(kept[1] + lost[1])
+    store.delete([lost[0].keys[-1]])
+    with EntryIndex(tmp_path / "index", 4) as index:
+        index.add([IndexEntry(e.name, "m", "", [1, 0, 0, 0], e.token_ids,
+                              chunk_keys=[k.hex() for k in e.keys]) for e in (kept[0], lost[0])])
+    refs = stored_chunk_keys(tmp_path / "index")
+    assert refs == {e.name: [k.hex() for k in e.keys] for e in (kept[0], lost[0])}
+    assert entries_missing_chunks(store, refs, batch_entries=1) == {"lost"}
+    assert entries_missing_chunks(store, {"no-chunks": []}) == {"no-chunks"}
+    assert stored_chunk_keys(tmp_path / "never-written") == {}
