@@ -51,6 +51,10 @@ def check_vllm_config(config: KVShareConfig, vllm_config: VllmConfig) -> None:
             "--no-enable-prefix-caching (LLM(enable_prefix_caching=False)) or set "
             "strict_prefix_cache=false"
         )
+    if vllm_config.cache_config.cache_dtype != "auto":
+        raise ConfigError(
+            f"kvshare stores KV in the model dtype, but vLLM runs with kv_cache_dtype="
+            f"{vllm_config.cache_config.cache_dtype!r}; start vLLM with --kv-cache-dtype auto")
     parallel = vllm_config.parallel_config
     if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
         raise ConfigError(
