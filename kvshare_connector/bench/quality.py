@@ -417,11 +417,12 @@ def _forced_req(key: str, prompt: list[int], pair_id: str, **kwargs) -> Req:
 
 def vanilla_requests(pairs: Sequence[PreparedPair], systems: Sequence[str], budget: int,
                      heads: dict[str, Callable[[int], int]], filler_token: int) -> list[Req]:
-    """Requests of the vanilla engine: the reference (greedy, then its teacher-forced rows),
-    the self-check, and the vanilla systems, each greedy and teacher-forced."""
-    from kvshare.bench.vllm_runner import Req
+    """Requests of the vanilla engine: warm-up, the reference (greedy, then its
+    teacher-forced rows), the self-check, and the vanilla systems, each greedy and
+    teacher-forced."""
+    from kvshare.bench.vllm_runner import Req, warmup_requests
 
-    requests: list[Req] = []
+    requests: list[Req] = warmup_requests(pairs[0].later_ids) if pairs else []
     for i, p in enumerate(pairs):
         ref = _key("ref", p.pair_id)
         requests += [
@@ -456,12 +457,12 @@ def vanilla_requests(pairs: Sequence[PreparedPair], systems: Sequence[str], budg
 
 def connector_requests(pairs: Sequence[PreparedPair], name: str, rhos: Sequence[float | None]
                        ) -> list[Req]:
-    """Requests of a connector engine: per rho (None: the config's) and pair, the earlier
-    prompt then the later one greedy, and again in a second scope with the later one
-    teacher-forced."""
-    from kvshare.bench.vllm_runner import Req
+    """Requests of a connector engine: warm-up, then per rho (None: the config's) and
+    pair, the earlier prompt then the later one greedy, and again in a second scope with
+    the later one teacher-forced."""
+    from kvshare.bench.vllm_runner import Req, warmup_requests
 
-    requests: list[Req] = []
+    requests: list[Req] = warmup_requests(pairs[0].later_ids) if pairs else []
     for rho in rhos:
         for p in pairs:
             key = _key(name, p.pair_id, rho)
@@ -587,7 +588,11 @@ def run_systems(pairs: list[PreparedPair], systems: list[str], args: argparse.Na
                         **{f"{name}_first_logprob": outs[i].first_logprob
                            for name, outs in per_system.items()},
                         **{f"{name}_kl_mean": summarize(outs[i].forced).kl_mean
-                           for name, outs in per_system.items() if outs[i].forced}}
+                           for name, outs in per_system.items() if outs[i].forced},
+                        **{f"{name}_claimed": [outs[i].reuse.claimed, outs[i].forced_reuse.claimed]
+                           for name, outs in per_system.items()
+                           if outs[i].reuse and outs[i].forced_reuse
+                           and (outs[i].reuse.claimed or outs[i].forced_reuse.claimed)}}
             for i, p in enumerate(pairs)
         },
     }
