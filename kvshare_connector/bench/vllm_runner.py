@@ -131,10 +131,16 @@ class Result:
 
 
 def warmup_requests(token_ids: list[int], count: int = 2) -> list[Req]:
-    """Short requests, each in its own scope so nothing reuses them, that absorb an
-    engine's first-call costs before timed requests run."""
-    return [Req(f"warmup/{i}", list(token_ids[:256]), 1, salt=f"warmup/{i}")
-            for i in range(count)]
+    """Requests that absorb an engine's first-call costs before timed requests run, in
+    scopes of their own so no timed request reuses them: ``count`` short prompts, then a
+    prompt and the same prompt without its first token, which a connector engine fills
+    from the first (lookup, load, re-rotation and selective recompute all run once, as
+    ``kvshare serve``'s warm-up makes them run before the first user request)."""
+    short = [Req(f"warmup/{i}", list(token_ids[:256]), 1, salt=f"warmup/{i}")
+             for i in range(count)]
+    prompt = list(token_ids[:1024])
+    return short + [Req("warmup/fill/0", prompt, 1, salt="warmup/fill"),
+                    Req("warmup/fill/1", prompt[1:], 1, salt="warmup/fill")]
 
 
 def vllm_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -233,7 +233,7 @@ def test_requests_give_teacher_forcing_its_own_scope_and_the_reference():
     assert forced.token_ids == pair.later_ids and forced.top_k == Q.SYSTEM_TOP_K
     assert greedy.rho is None and reqs["tf/kvshare/0.3/p0"].rho == 0.3
     order = list(reqs)
-    assert order[:2] == ["warmup/0", "warmup/1"]  # first-call costs stay out of TTFT
+    assert all(r.startswith("warmup/") for r in order[:4])  # first calls stay out of TTFT
     assert order.index("earlier/tf/kvshare/p0") < order.index("tf/kvshare/p0")
 
     from kvshare.config import KVShareConfig

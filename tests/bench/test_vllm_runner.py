@@ -76,3 +76,14 @@ def test_references_must_exist():
     assert R._earlier({}, known, req, "later/ref/x").output_ids == FORCED
     with pytest.raises(ValueError, match="'later/ref/y', which is neither an earlier request"):
         R._earlier({}, known, req, "later/ref/y")
+
+
+def test_warmup_runs_a_fill_in_a_scope_of_its_own():
+    prompt = list(range(100, 1300))
+    warm = R.warmup_requests(prompt)
+    assert [r.req_id for r in warm] == ["warmup/0", "warmup/1", "warmup/fill/0", "warmup/fill/1"]
+    first, second = warm[2], warm[3]
+    assert first.salt == second.salt == "warmup/fill"
+    assert second.token_ids == first.token_ids[1:]  # no prefix hit, everything to align
+    assert len(first.token_ids) == 1024
+    assert len({r.salt for r in warm}) == 3
