@@ -38,6 +38,12 @@ class EntrySink(Protocol[E_contra]):
     def add(self, entries: list[E_contra]) -> object: ...
 
 
+class ChunkSource(Protocol):
+    """What loads need of a store (``TieredStore`` fits, and stores in front of it)."""
+
+    def get(self, keys: list[ChunkKey]) -> list[KVChunk | None]: ...
+
+
 def commit_entries(store: TieredStore, index: EntrySink[E],
                    pending: Sequence[tuple[E, Sequence[KVChunk]]]) -> list[bool]:
     """Store each entry's chunks, then add the entries whose chunks are all held.
@@ -77,7 +83,7 @@ class LoadedKV:
         return int(self.available.sum())
 
 
-def fetch_entry_chunks(store: TieredStore, keys: Sequence[ChunkKey],
+def fetch_entry_chunks(store: ChunkSource, keys: Sequence[ChunkKey],
                        token_ids: Sequence[int] | np.ndarray, chunk_tokens: int,
                        layout: KVLayout, chunks: Sequence[int] | None = None
                        ) -> dict[int, KVChunk]:

@@ -6,6 +6,10 @@ whose thread cuts it into chunks, writes them to the tiers and checks that every
 held. Results are collected by the worker each step and reported to the scheduler, which
 indexes an entry only once all its chunks are stored.
 
+Loads read through the queue (:meth:`SaveQueue.get`): until a job is written its chunks
+are served from it, so a similar prompt arriving right after this one loads them without
+waiting for the tiers.
+
 Memory is bounded: ``capacity_bytes`` of KV may wait in the queue; a submit beyond that
 blocks until the writer has caught up (back-pressure), so a slow tier slows serving
 instead of growing memory without bound. One job larger than the bound still goes
@@ -21,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvshare.storage.chunk import split_prompt_kv
+from kvshare.storage.chunk import KVChunk, split_prompt_kv
+from kvshare.storage.keys import ChunkKey
 from kvshare.storage.tiered_store import TieredStore
 
 logger = logging.getLogger(__name__)
@@ -64,10 +69,9 @@ class SaveQueue:
         self.model_id = model_id
         self.chunk_tokens = chunk_tokens
         self.capacity_bytes = capacity_bytes
-        self._jobs: deque[SaveJob] = deque()
+        self._jobs: deque[tuple[SaveJob, list[KVChunk]]] = deque()
         self._results: list[SaveResult] = []
         self._queued_bytes = 0
-        self._busy = False
         self._closed = False
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="kvshare-save", daemon=True)
@@ -81,14 +85,28 @@ class SaveQueue:
 
     def submit(self, job: SaveJob) -> None:
         """Queue ``job``; waits while the queue holds ``capacity_bytes`` already."""
+        chunks = split_prompt_kv(self.model_id, job.kv, job.token_ids, self.chunk_tokens,
+                                 scope=job.scope, exact_tokens=job.exact_tokens,
+                                 variant=job.entry_id)
         with self._cond:
             if self._closed:
                 raise RuntimeError("kvshare: the save queue is closed")
             while self._jobs and self._queued_bytes + job.nbytes > self.capacity_bytes:
                 self._cond.wait()
-            self._jobs.append(job)
+            self._jobs.append((job, chunks))
             self._queued_bytes += job.nbytes
             self._cond.notify_all()
+
+    def get(self, keys: list[ChunkKey]) -> list[KVChunk | None]:
+        """Chunks by key: those of jobs not written yet (the one being written included: a
+        job leaves the queue only once the tiers hold it), else from the tiers."""
+        wanted = set(keys)
+        with self._cond:
+            queued = {chunk.key: chunk for _, chunks in self._jobs for chunk in chunks
+                      if chunk.key in wanted}
+        rest = [key for key in keys if key not in queued]
+        stored = dict(zip(rest, self.store.get(rest))) if rest else {}
+        return [queued.get(key) or stored.get(key) for key in keys]
 
     def take_results(self) -> list[SaveResult]:
         """Results of the jobs finished since the last call."""
@@ -99,7 +117,7 @@ class SaveQueue:
     def drain(self) -> None:
         """Wait until every submitted job has a result."""
         with self._cond:
-            while self._jobs or self._busy:
+            while self._jobs:
                 self._cond.wait()
 
     def close(self) -> None:
@@ -116,21 +134,16 @@ class SaveQueue:
                     self._cond.wait()
                 if not self._jobs:
                     return
-                job = self._jobs[0]
-                self._busy = True
-            result = SaveResult(job.req_id, self._store(job))
+                job, chunks = self._jobs[0]  # stays queued (and readable) until written
+            result = SaveResult(job.req_id, self._store(job, chunks))
             with self._cond:
                 self._jobs.popleft()
                 self._queued_bytes -= job.nbytes
-                self._busy = False
                 self._results.append(result)
                 self._cond.notify_all()
 
-    def _store(self, job: SaveJob) -> list[str] | None:
+    def _store(self, job: SaveJob, chunks: list[KVChunk]) -> list[str] | None:
         try:
-            chunks = split_prompt_kv(self.model_id, job.kv, job.token_ids, self.chunk_tokens,
-                                     scope=job.scope, exact_tokens=job.exact_tokens,
-                                     variant=job.entry_id)
             keys = [chunk.key for chunk in chunks]
             # Chunks already held (a shared exact prefix) are not encoded and written again.
             missing = {key for key, held in zip(keys, self.store.contains(keys)) if not held}

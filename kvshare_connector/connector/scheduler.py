@@ -8,16 +8,17 @@ It must never stall or kill the EngineCore loop, so:
 * a request's lookup (detokenize, embed, search, align) runs on a background thread;
   until it is done, ``get_num_new_matched_tokens`` answers ``None`` ("ask again next
   step") and vLLM schedules other work;
-* when the best plan would read from a prompt whose chunks are still being written (a
-  save in flight), the lookup is redone once that save is confirmed, for at most
-  ``PENDING_SAVE_WAIT_S``: a burst of similar prompts then reuses its first member;
+* prompts whose chunks are still being written (saves in flight) compete in lookups like
+  indexed entries, and the worker serves their chunks from its save queue: a burst of
+  similar prompts reuses its first member without waiting for its save;
 * LanceDB writes (flushes, compaction) run on a second background thread;
 * any exception on the lookup or store path means "claim nothing" / "store nothing" and
   one log line.
 
-Entries are committed only after the worker confirms that all of a prompt's chunks are
-held by the tiers (``KVShareWorkerMetadata.stored``): the worker's tiers (its CPU tier
-above all) are not visible from this process.
+Entries are committed to the index only after the worker confirms that all of a
+prompt's chunks are held by the tiers (``KVShareWorkerMetadata.stored``): the worker's
+tiers (its CPU tier above all) are not visible from this process. Chunk keys are
+computed here, when the save is sent, so a lookup can plan with an entry in flight.
 
 Approximation depth. A prompt vLLM computed itself has exact KV (depth 0). A prompt
 kvshare filled from reused rows is an approximation: it is stored with depth 1 + the
@@ -59,6 +60,7 @@ from kvshare.matching.claim import Claim, claimed_runs, decide_claim, kv_origin,
 from kvshare.matching.embedder import make_embedder
 from kvshare.matching.matcher import PUBLIC_SCOPE, LookupResult, Matcher
 from kvshare.storage.index import EntryIndex, IndexEntry, new_entry_id
+from kvshare.storage.keys import chunk_keys
 
 if TYPE_CHECKING:
     from vllm.v1.request import Request
@@ -74,8 +76,6 @@ claimed, and the request is never stored."""
 
 LOOKUP_TIMEOUT_S = 5.0
 """A lookup still running after this long is given up: the request is computed by vLLM."""
-PENDING_SAVE_WAIT_S = 5.0
-"""Longest wait for an in-flight save that the best plan would read from."""
 LATE_REPORT_STEPS = 2
 """Output updates a finished request's report may arrive after ``request_finished``."""
 COMPACT_EVERY_FLUSHES = 64
@@ -150,8 +150,6 @@ class _RequestState:
     prompt_tokens: int
     lookup: Future[LookupResult] | None = None
     lookup_started: float = 0.0
-    saves_seen: int = -1
-    """``_saves_version`` when the lookup was submitted (redo it when saves land)."""
     result: LookupResult | None = None
     gave_up: bool = False
     """The lookup failed or timed out: claim nothing, store nothing."""
@@ -192,7 +190,6 @@ class KVShareScheduler:
         self.approximate_blocks = ApproximateBlocks(capacity=num_kv_blocks)
         self._requests: dict[str, _RequestState] = {}
         self._saving: dict[str, _Saving] = {}
-        self._saves_version = 0
         self._late_reports: dict[str, tuple[int, dict[str, Any]]] = {}
         self._updates = 0
         self._lookups = ThreadPoolExecutor(1, thread_name_prefix="kvshare-lookup")
@@ -245,34 +242,20 @@ class KVShareScheduler:
         if state.lookup is None:
             self._submit_lookup(state)
             return False
-        waited = time.perf_counter() - state.lookup_started
         if not state.lookup.done():
-            if waited > LOOKUP_TIMEOUT_S:
+            if time.perf_counter() - state.lookup_started > LOOKUP_TIMEOUT_S:
                 logger.warning("kvshare: lookup of %s took over %.0f s; claiming nothing",
                                state.request.request_id, LOOKUP_TIMEOUT_S)
                 state.gave_up = True
                 return True
             return False
-        result = state.lookup.result()  # raises what the lookup raised
-        in_flight = {saving.entry.entry_id for saving in self._saving.values()}
-        if in_flight.intersection(result.plan.source_entries):
-            if waited > PENDING_SAVE_WAIT_S:
-                logger.warning("kvshare: %s waited %.0f s for the save of its source; "
-                               "claiming nothing", state.request.request_id, waited)
-                state.gave_up = True
-                return True
-            if self._saves_version != state.saves_seen:
-                self._submit_lookup(state, keep_clock=True)  # a save landed: plan again
-            return False
-        state.result = result
+        state.result = state.lookup.result()  # raises what the lookup raised
         return True
 
-    def _submit_lookup(self, state: _RequestState, keep_clock: bool = False) -> None:
+    def _submit_lookup(self, state: _RequestState) -> None:
         ids = list(state.request.prompt_token_ids[:state.prompt_tokens])
         in_flight = [saving.entry for saving in self._saving.values()]
-        state.saves_seen = self._saves_version
-        if not keep_clock:
-            state.lookup_started = time.perf_counter()
+        state.lookup_started = time.perf_counter()
         state.lookup = self._lookups.submit(self._lookup, ids, state.tenant, in_flight)
 
     def _lookup(self, token_ids: list[int], tenant: str, in_flight: list[IndexEntry]
@@ -394,11 +377,15 @@ class KVShareScheduler:
                and hit.entry.token_ids.tolist() == prompt and hit.entry.depth <= origin.depth
                for hit in result.hits):
             return None  # this scope already holds this prompt, at least as exact
+        entry_id, exact_tokens = new_entry_id(), min(origin.exact_tokens, len(prompt))
+        keys = chunk_keys(self.matcher.model_id, prompt, self.config.chunk_tokens,
+                          scope=state.tenant, exact_tokens=exact_tokens, variant=entry_id)
         return IndexEntry(
-            entry_id=new_entry_id(), model_id=self.matcher.model_id, scope=state.tenant,
+            entry_id=entry_id, model_id=self.matcher.model_id, scope=state.tenant,
             embedding=result.embedding, token_ids=prompt,
             text_preview=self._tokenizer.decode(prompt[:64]),
-            depth=origin.depth, exact_tokens=min(origin.exact_tokens, len(prompt)))
+            chunk_keys=[key.hex() for key in keys], depth=origin.depth,
+            exact_tokens=exact_tokens)
 
     # ------------------------------------------------------------------ worker feedback
     def update_connector_output(self, worker_meta: KVShareWorkerMetadata | None) -> None:
@@ -412,25 +399,28 @@ class KVShareScheduler:
                 del self._late_reports[req_id]
 
     def _commit(self, worker_meta: KVShareWorkerMetadata) -> None:
-        landed = False
+        committed = []
         for req_id, keys in worker_meta.stored.items():
             saving = self._saving.pop(req_id, None)
-            if saving is not None:
-                saving.entry.chunk_keys = keys
-                evicted = self.index.add([saving.entry])
-                if evicted:
-                    logger.info("kvshare: index at capacity, dropped %d least recently "
-                                "used entries", len(evicted))
-                landed = True
+            if saving is None:
+                continue
+            if keys != saving.entry.chunk_keys:  # both sides call storage.keys.chunk_keys
+                logger.error("kvshare: the worker stored %s under other keys than planned; "
+                             "not indexing it", req_id)
+                continue
+            committed.append(saving.entry)
         for req_id in worker_meta.not_stored:
-            landed |= self._saving.pop(req_id, None) is not None
+            self._saving.pop(req_id, None)
+        if committed:
+            evicted = self.index.add(committed)
+            if evicted:
+                logger.info("kvshare: index at capacity, dropped %d least recently used "
+                            "entries", len(evicted))
         missing = worker_meta.missing_entries
         if missing:
             logger.info("kvshare: dropping %d entries whose chunks are gone", len(missing))
             self.index.delete(missing)
-        if landed:
-            self._saves_version += 1
-        if landed or missing:
+        if committed or missing:
             self._queue_flush()
 
     def _take_report(self, report: LoadReport) -> None:

@@ -1,7 +1,8 @@
 """Worker-side half of the connector (runs in vLLM's worker process, owns the tiers).
 
 Load (``start_load_kv``, before the step's forward; claims are synchronous): for each
-claimed request, fetch the plan's source chunks, re-rotate keys that moved, then run
+claimed request, fetch the plan's source chunks (from the tiers, or from the save queue
+while a source is still being written), re-rotate keys that moved, then run
 the selective-recompute engine through :class:`VLLMDecoderAdapter`, which attends with
 vLLM's own kernel over the request's blocks and writes K/V with vLLM's own op. Tokens
 whose chunks are missing, corrupt or mismatching join the recompute set. If the
@@ -169,7 +170,7 @@ class KVShareWorker:
                                       (run.src_start + run.length - 1) // ct + 1))
                           for run in runs]
             held = fetch_entry_chunks(
-                self.store, [bytes.fromhex(k) for k in source.chunk_keys], source.token_ids,
+                self.saves, [bytes.fromhex(k) for k in source.chunk_keys], source.token_ids,
                 ct, self.layout, chunks={i for _, touched in touched_by for i in touched})
             for run, touched in touched_by:
                 delta = run.dst_start - run.src_start

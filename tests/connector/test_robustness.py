@@ -9,6 +9,8 @@ whatever part vLLM's prefix cache still held.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from engines import TAIL
 
@@ -98,6 +100,27 @@ def test_a_failing_fill_is_recomputed_and_counted_as_a_fallback(engine, stored,
     assert stats["fallback"] and stats["loaded"] == 0 and stats["reused"] == 0
     assert stats["recomputed"] == stats["claimed"]
     assert filled.outputs[0].token_ids == vanilla.outputs[0].token_ids
+
+
+def test_a_similar_prompt_reuses_one_whose_save_is_in_flight(engine, report_tokens,
+                                                              monkeypatch):
+    """The disk is slow: the base's chunks are still queued when its edit arrives."""
+    tenant, base = "in-flight", report_tokens[700:1300]
+    store, gate = engine.worker.saves.store, threading.Event()
+    slow_put = store.put
+
+    def put(chunks):
+        gate.wait()
+        return slow_put(chunks)
+
+    monkeypatch.setattr(store, "put", put)
+    engine.run(base, tenant, max_tokens=1)
+    edited = engine.run(edit_of(base, 333, report_tokens[3:6]), tenant)
+    assert engine.scheduler._saving, "the base's save was not in flight"
+    gate.set()
+    engine.settle()
+    assert claimed_to_the_tail(edited) and report(edited)["loaded"] > report(edited)["claimed"] // 2
+    assert len(engine.entries(tenant)) == 2  # the base, then its edit
 
 
 def step_until_done(llm_engine, on_step=None) -> dict:

@@ -103,3 +103,20 @@ def test_close_writes_what_is_queued():
     tier.gate.set()
     queue.close()
     assert sorted(r.req_id for r in queue.take_results()) == ["a", "b"]
+
+
+def test_chunks_are_readable_from_the_queue_until_the_tiers_hold_them():
+    tier = GatedTier()
+    queue = SaveQueue(TieredStore([tier]), "m", CHUNK, capacity_bytes=1 << 30)
+    one = job("a")
+    queue.submit(one)
+    tier.entered.wait()  # being written, blocked in the tier
+    keys = chunk_keys("m", one.token_ids, CHUNK, scope=one.scope)
+    queued = queue.get(keys + [bytes(16)])
+    assert [c.key for c in queued[:-1]] == keys and queued[-1] is None
+    assert not any(tier.contains(keys))
+    tier.gate.set()
+    queue.drain()
+    assert all(tier.contains(keys))
+    assert [c.key for c in queue.get(keys)] == keys  # now from the tier
+    queue.close()
