@@ -37,7 +37,7 @@ layer, i.e. a plain full prefill.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -136,6 +136,17 @@ class SelectiveRecomputeEngine:
         self.check_layers = check_layers
         self.rhos = rhos
 
+    @property
+    def first_reused_layer(self) -> int:
+        """The first layer whose reused rows after the exact prefix the engine reads.
+
+        Below the first check layer every position after the exact prefix is tracked, so
+        its rows are written fresh before anything reads them (the check-layer trick): a
+        loader need not fetch those layers' rows, except the exact prefix's. Without
+        check layers every layer reads reused rows.
+        """
+        return self.check_layers[0] if self.check_layers else 0
+
     @torch.no_grad()
     def prefill(
         self,
@@ -144,6 +155,7 @@ class SelectiveRecomputeEngine:
         recompute: torch.Tensor | np.ndarray | Sequence[int],
         exact_prefix: int = 0,
         logits: bool = True,
+        before_layer: Callable[[int], None] | None = None,
     ) -> RecomputeResult:
         """Fix ``reused`` in place so it approximates the prompt's own prefill K/V.
 
@@ -159,6 +171,11 @@ class SelectiveRecomputeEngine:
             logits: compute the next-token logits after the last position. Without them
                 the last layer stops once its K/V rows are written: its attention and MLP
                 feed nothing but the logits (vLLM computes the last prompt token itself).
+            before_layer: called with each layer's index before the engine reads or
+                writes that layer's rows of ``reused``, so rows may still be arriving
+                when the prefill starts (the GPU loader makes the compute stream wait
+                for that layer's copies here). Layers after an early stop are not
+                announced: the caller completes their rows itself.
         """
         adapter = self.adapter
         tokens = torch.as_tensor(token_ids, dtype=torch.int64, device=adapter.device)
@@ -189,6 +206,8 @@ class SelectiveRecomputeEngine:
         checks = dict(zip(self.check_layers, self.rhos))
 
         for layer in range(adapter.num_layers):
+            if before_layer is not None:
+                before_layer(layer)
             x, residual = adapter.input_norm(layer, update, residual)
             q, k, v = adapter.qkv(layer, x)
             q, k = adapter.rope(q, k, positions)

@@ -4,8 +4,18 @@ Every step calls the model's own modules (projections with their biases, RMSNorm
 rotary embedding and the modeling file's ``apply_rotary_pos_emb``), so a full
 recompute reproduces ``model(input_ids)``. Only attention is ours: the model's attention
 module assumes queries are the last rows of the K/V, while the engine asks for queries at
-scattered positions, so we call torch SDPA with a boolean mask built from absolute
-positions. GQA is left to SDPA (``enable_gqa``) instead of materialising repeated heads.
+scattered positions. When every position is queried we call torch SDPA with
+``is_causal``; otherwise :func:`kvshare.kernels.partial_attention.partial_attention`,
+which masks by absolute position (a Triton kernel on CUDA; on CPU, SDPA with a boolean
+mask built from the positions). GQA is never materialised as repeated heads.
+
+On CUDA the residual add + RMSNorm and the RoPE application run as one Triton kernel
+each (:mod:`kvshare.kernels.rms_norm`, :mod:`kvshare.kernels.rotary`) instead of the
+modules' ten or so element-wise kernels: for the few rows tracked per layer, launching
+those kernels, not running them, bounded the time. The kernels round where the modules
+round, with the modules' own weights, epsilon and cos/sin; on the GPU their bf16 results
+can differ from the modules' by one rounding (see the kernels' docstrings). On CPU the
+modules run as they are.
 """
 
 from __future__ import annotations
@@ -15,6 +25,9 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from kvshare.kernels.partial_attention import partial_attention
+from kvshare.kernels.rms_norm import add_rms_norm
+from kvshare.kernels.rotary import apply_rotary
 from kvshare.recompute.adapter import ModelAdapter
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
@@ -67,6 +80,11 @@ class HFDecoderAdapter(ModelAdapter):
         param = self._lm_head.weight
         self.dtype = param.dtype
         self.device = param.device
+        self._fused = self.device.type == "cuda"
+        # cos/sin of the last positions tensor seen: the engine passes one tensor for
+        # every layer until its tracked set changes, so most layers reuse them.
+        self._rope_positions: torch.Tensor | None = None
+        self._rope_cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def rope_inv_freq(self) -> torch.Tensor:
@@ -78,8 +96,11 @@ class HFDecoderAdapter(ModelAdapter):
     def input_norm(
         self, layer: int, update: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        norm = self._decoder.layers[layer].input_layernorm
+        if self._fused:
+            return add_rms_norm(update, residual, norm.weight, norm.variance_epsilon)
         stream = update if residual is None else residual + update  # HF's add, model dtype
-        return self._decoder.layers[layer].input_layernorm(stream), stream
+        return norm(stream), stream
 
     def qkv(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         attn = self._decoder.layers[layer].self_attn
@@ -93,9 +114,17 @@ class HFDecoderAdapter(ModelAdapter):
     def rope(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self._rotary(q, positions[None, :])  # [1, n, head_dim] each
+        """See :meth:`ModelAdapter.rope`. cos/sin are kept for the ``positions`` object
+        last seen (held, so its identity cannot be reused), which assumes callers never
+        modify a positions tensor in place after passing it (the engine does not)."""
+        if positions is not self._rope_positions or self._rope_cos_sin is None:
+            cos, sin = self._rotary(q, positions[None, :])  # [1, n, head_dim] each
+            self._rope_positions, self._rope_cos_sin = positions, (cos[0], sin[0])
+        cos, sin = self._rope_cos_sin
+        if self._fused:
+            return apply_rotary(q, k, cos, sin)
         # [n, heads, D] rows with cos [n, D]: unsqueeze at dim 1 broadcasts over heads.
-        return self._apply_rotary(q, k, cos[0], sin[0], unsqueeze_dim=1)
+        return self._apply_rotary(q, k, cos, sin, unsqueeze_dim=1)
 
     def attention(
         self,
@@ -105,19 +134,17 @@ class HFDecoderAdapter(ModelAdapter):
         keys: torch.Tensor,
         values: torch.Tensor,
     ) -> torch.Tensor:
-        if q.shape[0] == keys.shape[0]:
-            # Positions are strictly increasing, so this is every position: a plain causal
-            # prefill, where SDPA's is_causal skips the masked half (2x faster on CPU).
-            mask = None
-        else:
-            key_positions = torch.arange(keys.shape[0], device=keys.device)
-            mask = key_positions[None, :] <= q_positions[:, None]  # [n, T], True = may attend
+        if q.shape[0] != keys.shape[0]:
+            out = partial_attention(q, q_positions, keys, values, self._scaling)
+            return out.reshape(q.shape[0], -1)
+        # Positions are strictly increasing, so this is every position: a plain causal
+        # prefill, where SDPA's is_causal skips the masked half (2x faster on CPU) and
+        # uses its flash kernels on CUDA.
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None],  # [1, Hq, n, D]
             keys.transpose(0, 1)[None],  # [1, Hkv, T, D]
             values.transpose(0, 1)[None],
-            attn_mask=mask,
-            is_causal=mask is None,
+            is_causal=True,
             scale=self._scaling,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )
@@ -129,8 +156,11 @@ class HFDecoderAdapter(ModelAdapter):
     def post_attention_norm(
         self, layer: int, update: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        norm = self._decoder.layers[layer].post_attention_layernorm
+        if self._fused:
+            return add_rms_norm(update, residual, norm.weight, norm.variance_epsilon)
         stream = residual + update
-        return self._decoder.layers[layer].post_attention_layernorm(stream), stream
+        return norm(stream), stream
 
     def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         return self._decoder.layers[layer].mlp(x)
