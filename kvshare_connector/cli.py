@@ -31,6 +31,8 @@ _COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
      "answer quality of kvshare vs naive reuse, CacheBlend, GPTCache, prefix caching"),
     (("bench", "ttft"), "kvshare.bench.ttft",
      "time to first token, vanilla vLLM vs kvshare, on long real similar prompts"),
+    (("bench", "gpu"), "kvshare.bench.gpu",
+     "selective recompute on one GPU (Llama-3-8B shape): TTFT vs full prefill and floors"),
     (("inspect",), "kvshare.inspection", "look inside the cache: index entries, tiers, plans"),
 ]
 
