@@ -104,7 +104,11 @@ class Tier(ABC):
         return ok
 
     def get(self, keys: Sequence[ChunkKey]) -> list[KVChunk | None]:
-        """Verified chunks, None for misses (absent, corrupt, or backend down)."""
+        """Verified chunks, None for misses (absent, corrupt, or backend down).
+
+        A returned chunk may be the tier's own (memory tiers hand out what they hold):
+        callers read it and never write into it.
+        """
         if not keys:
             return []
         start = time.perf_counter()

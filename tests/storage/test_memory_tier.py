@@ -42,7 +42,7 @@ def test_a_chunk_larger_than_the_cap_is_refused_without_evicting():
     assert tier.stats().rejected == 1
 
 
-def test_cache_is_isolated_from_caller_writes():
+def test_cache_is_isolated_from_caller_writes_and_reads_copy_nothing():
     (chunk,) = make_chunks(16, 16)
     original = chunk.kv.clone()
     tier = MemoryTier.cpu(capacity_bytes=1 << 20)
@@ -50,8 +50,10 @@ def test_cache_is_isolated_from_caller_writes():
     chunk.kv.zero_()  # caller reuses its buffer
     (got,) = tier.get([chunk.key])
     assert torch.equal(got.kv, original)
-    got.kv.zero_()  # caller writes into what it got
-    assert torch.equal(tier.get([chunk.key])[0].kv, original)
+    (again,) = tier.get([chunk.key])
+    assert again.kv.data_ptr() == got.kv.data_ptr()  # the held tensor, not a clone
+    tier.delete([chunk.key])
+    assert torch.equal(got.kv, original)  # a reader's reference outlives eviction
 
 
 def test_put_of_a_held_key_refreshes_recency_without_double_counting():
