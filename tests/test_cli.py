@@ -15,6 +15,7 @@ from kvshare.cli import main
         (["bench", "lookup", "--help"], "--entries"),
         (["inspect", "--help"], "plan"),
         (["demo", "--help"], "--pairs"),
+        (["bench", "gpu", "--help"], "--tokens"),
     ],
 )
 def test_every_command_has_help(argv, expected, capsys):
