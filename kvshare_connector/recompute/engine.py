@@ -206,6 +206,8 @@ class SelectiveRecomputeEngine:
         checks = dict(zip(self.check_layers, self.rhos))
 
         for layer in range(adapter.num_layers):
+            if positions.numel() == 0:
+                break  # nothing tracked: every remaining row stays reused
             if before_layer is not None:
                 before_layer(layer)
             x, residual = adapter.input_norm(layer, update, residual)
@@ -221,8 +223,8 @@ class SelectiveRecomputeEngine:
             rows[layer] = positions.numel()
             if keep is not None:
                 positions, residual, q = positions[keep], residual[keep], q[keep]
-            if positions.numel() == 0:
-                break  # nothing tracked: every remaining row stays reused
+                if positions.numel() == 0:
+                    break  # nothing tracked: every remaining row stays reused
             if layer == adapter.num_layers - 1 and not logits:
                 break  # the last layer's K/V are written; its output would only feed logits
             attn = adapter.attention(layer, q, positions, reused.keys[layer], reused.values[layer])

@@ -28,6 +28,19 @@ def test_identical_prompt_with_exact_kv_recomputing_only_the_last_token(
     assert relative_error(result.kv.values, exact_kv.values) < 1e-5
 
 
+def test_nothing_to_recompute_runs_no_layer(tiny):
+    """Naive reuse of a plan without placeholders (the claim ends before the prompt's tail,
+    which vLLM computes): no module is called with zero rows, every row stays reused."""
+    ids = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(9))
+    exact_kv, _ = full_prefill(tiny.model, ids)
+    engine = SelectiveRecomputeEngine(tiny.adapter, check_layers=())
+
+    result = engine.prefill(ids, _clone(exact_kv), [], logits=False)
+
+    assert result.tracked.numel() == 0 and int(result.rows_recomputed.sum()) == 0
+    assert torch.equal(result.kv.keys, exact_kv.keys)
+
+
 def _corrupted(kv: PromptKV, positions: torch.Tensor) -> PromptKV:
     """Stale rows at ``positions`` in every layer, as if reused from another context."""
     bad = _clone(kv)
