@@ -105,6 +105,9 @@ class KVShareConfig:
     """Share of reused tokens recomputed by deviation at the check layers."""
     check_layers: list[int] = field(default_factory=lambda: [1])
     """Layers at which fresh and reused K/V are compared."""
+    select_by: str = "deviation"
+    """How DHD ranks reused tokens at the check layers: ``deviation`` of fresh from reused
+    K/V, ``attention`` the prompt's tail pays them, or ``both`` (their product)."""
     recompute_tail_tokens: int = 64
     """The prompt's last tokens always recomputed, whatever their deviation. They hold
     the chat template's generation prompt, which the first output token reads most; a
@@ -162,6 +165,8 @@ class KVShareConfig:
         _require(0.0 <= self.rho <= 1.0, "rho", self.rho, "in [0, 1]")
         _require(self.recompute_tail_tokens >= 0, "recompute_tail_tokens",
                  self.recompute_tail_tokens, ">= 0")
+        _require(self.select_by in ("deviation", "attention", "both"), "select_by",
+                 self.select_by, "one of deviation, attention, both")
         _require(self.recompute_tail_by in ("vllm", "kvshare"), "recompute_tail_by",
                  self.recompute_tail_by, "one of vllm, kvshare")
         _require(self.max_approx_depth >= 0, "max_approx_depth", self.max_approx_depth, ">= 0")

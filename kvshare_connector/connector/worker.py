@@ -131,7 +131,9 @@ class KVShareWorker:
         start, end = spec.num_computed, spec.end
         # Rows below ``start`` (vLLM's exact prefix hit) stay in the blocks, where the
         # adapter's attention reads them; the engine never tracks them.
-        kv = PromptKV.empty(adapter, end)
+        # Rows past the claim are the tail vLLM computes; they serve only as probes.
+        probes = self.config.select_by != "deviation"
+        kv = PromptKV.empty(adapter, len(spec.token_ids) if probes else end)
         pending = torch.ones(end, dtype=torch.bool)
         pending[:start] = False
         load_started = time.perf_counter()
@@ -141,9 +143,11 @@ class KVShareWorker:
         loaded = spec.num_claimed - int(pending.sum())
         pending[spec.tail_start:] = True
         adapter.bind(spec.block_ids, write_from=start)
-        engine = SelectiveRecomputeEngine(adapter, rho=rho, check_layers=self.config.check_layers)
-        result = engine.prefill(spec.token_ids[:end], kv, pending.nonzero().flatten(),
-                                exact_prefix=start, logits=False)
+        engine = SelectiveRecomputeEngine(adapter, rho=rho, check_layers=self.config.check_layers,
+                                          select_by=self.config.select_by)
+        result = engine.prefill(spec.token_ids[:kv.num_tokens], kv, pending.nonzero().flatten(),
+                                exact_prefix=start, logits=False,
+                                probe_from=end if probes else None)
         # Layers whose attention the engine skipped (the last one, or all after the
         # tracked set ran empty) still need their rows in the blocks.
         slots = paged.slots(spec.block_ids, start, end)

@@ -45,6 +45,22 @@ import torch
 
 from kvshare.recompute.adapter import ModelAdapter
 
+SELECT_BY = ("deviation", "attention", "both")
+"""How reused tokens are ranked at a check layer: ``deviation`` of their fresh K/V from
+the reused rows (CacheBlend, KVShare's DHD); ``attention``, the attention mass the
+probes (the prompt's tail) pay them (query-driven, as ProphetKV); ``both``, deviation
+times attention mass: a first-order estimate of how much a stale row changes what the
+tail reads."""
+
+
+def _attention_mass(probe_q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Attention mass ``[n]`` that probe queries ``[p, heads, d]`` pay ``keys``
+    ``[n, kv_heads, d]``, summed over probes and heads (softmax over these keys only)."""
+    heads, kv_heads = probe_q.shape[1], keys.shape[1]
+    keys = keys.float().repeat_interleave(heads // kv_heads, dim=1)
+    logits = torch.einsum("phd,nhd->phn", probe_q.float(), keys) / probe_q.shape[-1] ** 0.5
+    return logits.softmax(dim=-1).sum(dim=(0, 1))
+
 
 @dataclass
 class PromptKV:
@@ -105,6 +121,7 @@ class SelectiveRecomputeEngine:
             per check layer (gradual filtering).
         check_layers: strictly increasing layer indices where reused tokens are ranked.
             Empty means naive reuse: only the initial recompute set is computed.
+        select_by: how reused tokens are ranked at a check layer (``SELECT_BY``).
     """
 
     def __init__(
@@ -112,7 +129,10 @@ class SelectiveRecomputeEngine:
         adapter: ModelAdapter,
         rho: float | Sequence[float] = 0.15,
         check_layers: Sequence[int] = (1,),
+        select_by: str = "deviation",
     ) -> None:
+        if select_by not in SELECT_BY:
+            raise ValueError(f"select_by must be one of {', '.join(SELECT_BY)}, got {select_by!r}")
         check_layers = tuple(int(c) for c in check_layers)
         if any(b <= a for a, b in zip(check_layers, check_layers[1:])):
             raise ValueError(f"check_layers must be strictly increasing, got {check_layers}")
@@ -135,6 +155,7 @@ class SelectiveRecomputeEngine:
         self.adapter = adapter
         self.check_layers = check_layers
         self.rhos = rhos
+        self.select_by = select_by
 
     @property
     def first_reused_layer(self) -> int:
@@ -156,6 +177,7 @@ class SelectiveRecomputeEngine:
         exact_prefix: int = 0,
         logits: bool = True,
         before_layer: Callable[[int], None] | None = None,
+        probe_from: int | None = None,
     ) -> RecomputeResult:
         """Fix ``reused`` in place so it approximates the prompt's own prefill K/V.
 
@@ -176,6 +198,11 @@ class SelectiveRecomputeEngine:
                 when the prefill starts (the GPU loader makes the compute stream wait
                 for that layer's copies here). Layers after an early stop are not
                 announced: the caller completes their rows itself.
+            probe_from: positions from here on are probes: the prompt's tail, which
+                someone else computes afterwards (vLLM, after the connector's fill). They
+                are tracked up to the last check layer, where their queries rank the
+                reused tokens (``select_by`` ``attention`` and ``both``); their rows at
+                later layers are never written. Default: no probes.
         """
         adapter = self.adapter
         tokens = torch.as_tensor(token_ids, dtype=torch.int64, device=adapter.device)
@@ -185,21 +212,33 @@ class SelectiveRecomputeEngine:
                 f"exact_prefix must lie in [0, {num_tokens}) for a prompt of {num_tokens} "
                 f"tokens, got {exact_prefix}"
             )
+        probe_from = num_tokens if probe_from is None else probe_from
+        if not exact_prefix < probe_from <= num_tokens:
+            raise ValueError(f"probe_from must lie in ({exact_prefix}, {num_tokens}], "
+                             f"got {probe_from}")
+        if self.select_by != "deviation" and self.check_layers and probe_from == num_tokens:
+            raise ValueError(f"select_by={self.select_by!r} ranks by the probes' attention, "
+                             "but there are none: pass probe_from < len(token_ids)")
         initial = self._initial_mask(recompute, num_tokens)
-        if initial[:exact_prefix].any():
+        if initial[:exact_prefix].any() or initial[probe_from:].any():
+            outside = initial.clone()
+            outside[exact_prefix:probe_from] = False
             raise ValueError(
-                f"recompute positions {initial[:exact_prefix].nonzero().flatten()[:8].tolist()} "
-                f"lie inside the exact prefix of {exact_prefix} tokens"
+                f"recompute positions {outside.nonzero().flatten()[:8].tolist()} lie outside "
+                f"[{exact_prefix}, {probe_from}): the exact prefix or the probes"
             )
-        num_reused = num_tokens - exact_prefix - int(initial.sum())
+        num_reused = probe_from - exact_prefix - int(initial.sum())
+        is_probe = torch.arange(num_tokens, device=adapter.device) >= probe_from
 
         # Layers before the first check layer run for every position after the exact
-        # prefix (see "check-layer trick").
+        # prefix (see "check-layer trick"), probes included.
         positions = (
             torch.arange(exact_prefix, num_tokens, device=adapter.device)
             if self.check_layers
             else initial.nonzero().flatten()
         )
+        # Rows that exist at a layer: the probes' only up to the last check layer.
+        written = num_tokens if self.check_layers else probe_from
         # The residual stream of tracked positions, as (pending update, residual).
         update, residual = adapter.embed(tokens[positions]), None
         rows = torch.zeros(adapter.num_layers, dtype=torch.int64)
@@ -216,18 +255,22 @@ class SelectiveRecomputeEngine:
             keep = None
             if layer in checks:
                 keep = self._select(
-                    k, v, reused, layer, positions, initial, round(checks[layer] * num_reused)
+                    q, k, v, reused, layer, positions, initial, is_probe,
+                    round(checks[layer] * num_reused), last=layer == self.check_layers[-1],
                 )
             reused.keys[layer, positions] = k
             reused.values[layer, positions] = v
             rows[layer] = positions.numel()
             if keep is not None:
                 positions, residual, q = positions[keep], residual[keep], q[keep]
+                if layer == self.check_layers[-1]:
+                    written = probe_from
                 if positions.numel() == 0:
                     break  # nothing tracked: every remaining row stays reused
             if layer == adapter.num_layers - 1 and not logits:
                 break  # the last layer's K/V are written; its output would only feed logits
-            attn = adapter.attention(layer, q, positions, reused.keys[layer], reused.values[layer])
+            attn = adapter.attention(layer, q, positions, reused.keys[layer, :written],
+                                     reused.values[layer, :written])
             x, residual = adapter.post_attention_norm(layer, adapter.o_proj(layer, attn), residual)
             update = adapter.mlp(layer, x)
 
@@ -243,26 +286,40 @@ class SelectiveRecomputeEngine:
             ),
         )
 
-    @staticmethod
     def _select(
+        self,
+        q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         reused: PromptKV,
         layer: int,
         positions: torch.Tensor,
         initial: torch.Tensor,
+        is_probe: torch.Tensor,
         budget: int,
+        last: bool,
     ) -> torch.Tensor:
-        """Row indices into ``positions`` to keep: all initial ones + the ``budget`` most deviating.
+        """Row indices into ``positions`` to keep: every initial one, the ``budget``
+        reused ones that rank highest, and the probes unless this is the ``last`` check.
 
         Must run before the fresh rows overwrite ``reused`` (it reads the reused rows).
         """
-        deviation = (k - reused.keys[layer, positions]).float().flatten(1).norm(dim=1)
-        deviation += (v - reused.values[layer, positions]).float().flatten(1).norm(dim=1)
-        is_initial = initial[positions]
-        deviation[is_initial] = torch.inf  # garbage rows; these positions always stay
-        num_keep = min(positions.numel(), int(is_initial.sum()) + budget)
-        return torch.topk(deviation, num_keep, sorted=False).indices.sort().values
+        probe = is_probe[positions]
+        candidate = ~(initial[positions] | probe)
+        score = torch.zeros(positions.numel(), device=positions.device)
+        if self.select_by in ("deviation", "both"):
+            score = (k - reused.keys[layer, positions]).float().flatten(1).norm(dim=1)
+            score += (v - reused.values[layer, positions]).float().flatten(1).norm(dim=1)
+        if self.select_by in ("attention", "both") and probe.any():
+            attention = _attention_mass(q[probe], k[candidate])
+            if self.select_by == "attention":
+                score[candidate] = attention
+            else:
+                score[candidate] *= attention
+        score[~candidate] = torch.inf  # initial rows are garbage; probes wait their turn
+        num_keep = min(positions.numel(), int((~candidate).sum()) + budget)
+        keep = torch.topk(score, num_keep, sorted=False).indices.sort().values
+        return keep[~probe[keep]] if last else keep
 
     def _check_inputs(self, tokens: torch.Tensor, reused: PromptKV) -> int:
         adapter = self.adapter

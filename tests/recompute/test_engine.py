@@ -177,7 +177,7 @@ def test_exact_prefix_is_attended_but_never_recomputed(tiny):
 def test_recompute_inside_the_exact_prefix_is_refused(tiny):
     ids = torch.arange(20)
     engine = SelectiveRecomputeEngine(tiny.adapter)
-    with pytest.raises(ValueError, match=r"recompute positions \[3\] lie inside"):
+    with pytest.raises(ValueError, match=r"recompute positions \[3\] lie outside \[8, 20\)"):
         engine.prefill(ids, PromptKV.empty(tiny.adapter, 20), [3, 19], exact_prefix=8)
     with pytest.raises(ValueError, match="exact_prefix must lie in"):
         engine.prefill(ids, PromptKV.empty(tiny.adapter, 20), [19], exact_prefix=20)
@@ -193,3 +193,44 @@ def test_without_logits_the_kv_is_the_same(tiny):
     assert without.last_logits is None and with_logits.last_logits is not None
     assert torch.equal(without.kv.keys, with_logits.kv.keys)
     assert torch.equal(without.kv.values, with_logits.kv.values)
+
+
+def test_probes_rank_the_reused_tokens_and_are_never_kept(tiny):
+    """The tail (positions >= probe_from) runs up to the check layer only: its rows at
+    later layers are never written, and it is never part of what the engine keeps."""
+    ids = torch.randint(0, 256, (60,), generator=torch.Generator().manual_seed(13))
+    exact_kv, _ = full_prefill(tiny.model, ids)
+    reused = _corrupted(exact_kv, torch.tensor([4, 9, 20, 33]))
+    before = _clone(reused)
+    engine = SelectiveRecomputeEngine(tiny.adapter, rho=0.1, select_by="both")
+
+    result = engine.prefill(ids, reused, [10], logits=False, probe_from=48)
+
+    assert int(result.tracked.max()) < 48 and 10 in result.tracked.tolist()
+    assert result.selected.numel() == round(0.1 * (48 - 1))
+    assert result.rows_recomputed[:2].tolist() == [60, 60]  # probes included up to layer 1
+    assert result.rows_recomputed[2:].max() < 48
+    assert torch.equal(result.kv.keys[2:, 48:], before.keys[2:, 48:])
+
+
+@pytest.mark.parametrize("select_by", ["attention", "both"])
+def test_ranking_by_attention_needs_probes(tiny, select_by):
+    engine = SelectiveRecomputeEngine(tiny.adapter, select_by=select_by)
+    with pytest.raises(ValueError, match="there are none: pass probe_from"):
+        engine.prefill(torch.arange(20), PromptKV.empty(tiny.adapter, 20), [19])
+    with pytest.raises(ValueError, match="select_by must be one of deviation, attention, both"):
+        SelectiveRecomputeEngine(tiny.adapter, select_by="random")
+
+
+def test_attention_mass_is_the_softmax_share_each_key_gets():
+    from kvshare.recompute.engine import _attention_mass
+
+    gen = torch.Generator().manual_seed(14)
+    q, keys = torch.randn(3, 4, 8, generator=gen), torch.randn(10, 2, 8, generator=gen)
+    expected = torch.zeros(10)
+    for probe in range(3):
+        for head in range(4):  # grouped-query heads: 2 query heads per kv head
+            weights = (keys[:, head // 2] @ q[probe, head] / 8 ** 0.5).softmax(dim=0)
+            expected += weights
+    torch.testing.assert_close(_attention_mass(q, keys), expected)
+    assert _attention_mass(q, keys).sum().item() == pytest.approx(12.0)
