@@ -69,7 +69,7 @@ SYSTEMS = ("kvshare", "kvshare_tailkv", "naive", "cacheblend", "gptcache", "pref
 DEFAULT_SYSTEMS = tuple(s for s in SYSTEMS if s != "kvshare_tailkv")
 CONNECTOR_SYSTEMS = ("kvshare", "kvshare_tailkv", "naive", "cacheblend")
 SPLIT_SYSTEMS = ("split", "split_tail")
-SWEEP_RHOS = (0.0, 0.05, 0.15, 0.3, 1.0)
+SWEEP_RHOS = (0.0, 0.05, 0.1, 0.15, 0.3, 1.0)
 CACHEBLEND_RHO = 0.15
 MAX_TOKENS = 64
 REFERENCE_TOP_K = 500

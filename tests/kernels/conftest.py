@@ -1,7 +1,7 @@
 """Where the kernel tests run: compiled on CUDA, or in Triton's interpreter on CPU.
 
 Without a GPU the Triton kernels run under ``TRITON_INTERPRET=1`` on CPU tensors, which
-must be set before the kernel modules are imported (``triton.jit`` reads it then). The
+the suite's top-level ``conftest.py`` sets before anything imports triton. The
 interpreter returns garbage for bf16 (see ARCHITECTURE notes), so CPU tests use float32
 and float16 with small shapes; bf16 and large shapes run on the GPU.
 """
@@ -12,9 +12,6 @@ import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
