@@ -131,9 +131,11 @@ class KVShareWorker:
         start, end = spec.num_computed, spec.end
         # Rows below ``start`` (vLLM's exact prefix hit) stay in the blocks, where the
         # adapter's attention reads them; the engine never tracks them.
-        # Rows past the claim are the tail vLLM computes; they serve only as probes.
+        # Rows past the claim are the tail vLLM computes; they serve only as probes. No row
+        # is read before it is loaded or computed (rows below ``start`` never are), so the
+        # buffers need no zeroing (measured: 4% of a fill).
         probes = self.config.select_by != "deviation"
-        kv = PromptKV.empty(adapter, len(spec.token_ids) if probes else end)
+        kv = PromptKV.empty(adapter, len(spec.token_ids) if probes else end, zeroed=False)
         pending = torch.ones(end, dtype=torch.bool)
         pending[:start] = False
         load_started = time.perf_counter()

@@ -76,11 +76,13 @@ class PromptKV:
     """Same shape, dtype and device as ``keys``."""
 
     @classmethod
-    def empty(cls, adapter: ModelAdapter, num_tokens: int) -> PromptKV:
-        """Zeroed buffers for ``num_tokens`` positions in ``adapter``'s shape, dtype and device."""
+    def empty(cls, adapter: ModelAdapter, num_tokens: int, zeroed: bool = True) -> PromptKV:
+        """Buffers for ``num_tokens`` positions in ``adapter``'s shape, dtype and device;
+        zeroed, or left uninitialized for a caller that fills every row it reads."""
         shape = (adapter.num_layers, num_tokens, adapter.num_kv_heads, adapter.head_dim)
-        keys = torch.zeros(shape, dtype=adapter.dtype, device=adapter.device)
-        return cls(keys=keys, values=torch.zeros_like(keys))
+        make = torch.zeros if zeroed else torch.empty
+        kw = dict(dtype=adapter.dtype, device=adapter.device)
+        return cls(keys=make(shape, **kw), values=make(shape, **kw))
 
     @property
     def num_tokens(self) -> int:
