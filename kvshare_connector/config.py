@@ -108,7 +108,7 @@ class KVShareConfig:
     select_by: str = "deviation"
     """How DHD ranks reused tokens at the check layers: ``deviation`` of fresh from reused
     K/V, ``attention`` the prompt's tail pays them, or ``both`` (their product)."""
-    recompute_tail_tokens: int = 64
+    recompute_tail_tokens: int = 32
     """The prompt's last tokens always recomputed, whatever their deviation. They hold
     the chat template's generation prompt, which the first output token reads most; a
     reused copy of them summarises the *earlier* prompt at every layer above the first."""
