@@ -103,6 +103,11 @@ class KVShareConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._worker.register_kv_caches(kv_caches)
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        """Also the worker's first hook of a step, before vLLM writes any block."""
+        super().bind_connector_metadata(connector_metadata)
+        self._worker.begin_step(self._metadata())
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         self._worker.start_load_kv(self._metadata())
 
@@ -115,6 +120,10 @@ class KVShareConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         self._worker.wait_for_save(self._metadata())
+
+    def get_finished(self, finished_req_ids: set[str]
+                     ) -> tuple[set[str] | None, set[str] | None]:
+        return self._worker.get_finished(finished_req_ids), None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.get_block_ids_with_load_errors()
@@ -147,7 +156,8 @@ class KVShareConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:
-        return False, self._scheduler.request_finished(request)
+        delay_free = self._scheduler.delays_free(request.request_id)
+        return delay_free, self._scheduler.request_finished(request)
 
     def shutdown(self) -> None:
         for half in (self._scheduler, self._worker):

@@ -88,6 +88,12 @@ class KVShareConnectorMetadata(KVConnectorMetadata):
 
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+    discarded_saves: set[str] = field(default_factory=set)
+    """Requests of the previous step's saves preempted since: their blocks may already
+    hold another request's KV, so their copies are dropped, never stored."""
+    held_for_save: set[str] = field(default_factory=set)
+    """Requests that finished with their save unanswered: vLLM keeps their blocks, and
+    the engine stepping, until the worker names them in ``get_finished``."""
 
 
 @dataclass

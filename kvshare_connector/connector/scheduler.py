@@ -12,6 +12,11 @@ It must never stall or kill the EngineCore loop, so:
   indexed entries, and the worker serves their chunks from its save queue: a burst of
   similar prompts reuses its first member without waiting for its save;
 * LanceDB writes (flushes, compaction) run on a second background thread;
+* the worker copies a prompt's KV out of its blocks after the step that returns its first
+  token (see the worker), and a request preempted meanwhile has its copy discarded; a
+  request that finishes before its save is answered keeps its blocks (``request_finished``
+  answers "delay freeing", the worker's ``get_finished`` ends it), so vLLM keeps stepping
+  until the entry is committed, and a shutdown that drains requests drains saves too;
 * any exception on the lookup or store path means "claim nothing" / "store nothing" and
   one log line.
 
@@ -31,7 +36,7 @@ remembers those hashes so that such a request is stored as approximate too.
 Per-request state and who removes it: ``_requests`` from a request's first
 ``get_num_new_matched_tokens`` to ``request_finished``; ``_saving`` from the step a
 SaveSpec goes out to the worker's stored / not-stored answer (the worker answers every
-SaveSpec); ``_late_reports`` from ``request_finished`` to the load report of the same
+SaveSpec); ``_last_saves`` and ``_held`` for one step; ``_late_reports`` from ``request_finished`` to the load report of the same
 step (dropped after ``LATE_REPORT_STEPS`` updates at the latest).
 """
 
@@ -45,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.request import RequestStatus
 
 from kvshare.config import KVShareConfig
 from kvshare.connector.metadata import (
@@ -190,6 +196,12 @@ class KVShareScheduler:
         self.approximate_blocks = ApproximateBlocks(capacity=num_kv_blocks)
         self._requests: dict[str, _RequestState] = {}
         self._saving: dict[str, _Saving] = {}
+        self._last_saves: set[str] = set()
+        """Requests whose SaveSpec went out in the latest step: the worker copies their KV
+        out of their blocks until the next step begins."""
+        self._held: set[str] = set()
+        """Requests finished with their save unanswered since the latest step, to tell the
+        worker in the next one."""
         self._late_reports: dict[str, tuple[int, dict[str, Any]]] = {}
         self._updates = 0
         self._lookups = ThreadPoolExecutor(1, thread_name_prefix="kvshare-lookup")
@@ -309,7 +321,22 @@ class KVShareScheduler:
             if resumed:
                 self._on_scheduled(meta, state)
             self._maybe_save(meta, state, cached.num_computed_tokens[i] + num_scheduled[req_id])
+        # Preempted since the last step (and possibly resumed by now, in other blocks).
+        preempted = (set(scheduler_output.preempted_req_ids or ()) | set(cached.resumed_req_ids)
+                     | {req_id for req_id, state in self._requests.items()
+                        if state.request.status == RequestStatus.PREEMPTED})
+        meta.discarded_saves = self._last_saves & preempted
+        self._last_saves = {spec.req_id for spec in meta.saves}
+        meta.held_for_save, self._held = self._held, set()
         return meta
+
+    def delays_free(self, req_id: str) -> bool:
+        """Whether a request finishing now keeps its blocks until the worker says so: its
+        save is unanswered (its KV may still be being copied out of them)."""
+        if req_id not in self._saving:
+            return False
+        self._held.add(req_id)
+        return True
 
     def _on_scheduled(self, meta: KVShareConnectorMetadata, state: _RequestState) -> None:
         """First scheduling (or resumption after preemption): load what was claimed."""

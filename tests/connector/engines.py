@@ -64,9 +64,11 @@ class Engine:
         return get_kv_transfer_group()._worker
 
     def settle(self) -> None:
-        """Finish every save in flight and commit its entry (one empty engine step)."""
-        self.worker.saves.drain()
-        self.engine_core.step()
+        """Finish every save in flight and commit its entry: a request finished before its
+        save was answered keeps the engine stepping until it is."""
+        scheduler = self.engine_core.scheduler
+        while scheduler.has_requests():
+            self.engine_core.step()
         assert not self.scheduler._saving, "a save was not answered"
 
     def entries(self, tenant: str) -> list:

@@ -58,7 +58,7 @@ def test_a_prefix_hit_on_approximate_blocks_is_stored_as_approximate(engine, cha
     """Q extends S' beyond its first four blocks: vLLM serves them from its prefix cache,
     and block 3 holds KV that kvshare filled approximately for S'."""
     tenant, _, s_edit = chain
-    q = s_edit[:520] + report_tokens[1000:1000 + 57]
+    q = s_edit[:520] + report_tokens[1000:1000 + 4 * BLOCK + TAIL + 1 - 520]  # claims none
     out = engine.run(q, tenant)
     engine.settle()
     assert out.num_cached_tokens == 4 * BLOCK  # vLLM's own hit; too short for a claim

@@ -10,6 +10,7 @@ whatever part vLLM's prefix cache still held.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from engines import TAIL
@@ -182,6 +183,44 @@ def test_aborts_while_the_lookup_runs_and_after_the_load(engine, stored, report_
     llm_engine.abort_request([late])
     step_until_done(llm_engine)
     assert report(engine.run(edit_of(base, 244, report_tokens[70:73]), tenant))["claimed"]
+
+
+def step_until(step, done) -> None:
+    while not done():
+        step()
+
+
+def test_a_prompt_finishing_before_its_save_is_answered_keeps_its_blocks(engine,
+                                                                         report_tokens):
+    """The worker copies a prompt out of its blocks after the step that returns its
+    first token, and stores it behind; vLLM frees a request done by then only once the
+    save is answered, and its entry is committed by then."""
+    llm_engine, scheduler = engine.llm.llm_engine, engine.engine_core.scheduler
+    free_before = scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+    req_id = llm_engine.add_request("copy-one-token", {
+        "prompt_token_ids": report_tokens[100:700], "cache_salt": "copy"}, sampling(1))
+    assert step_until_done(llm_engine)["copy-one-token"].finished
+    assert req_id in scheduler.requests, "vLLM freed the blocks before the save ended"
+    step_until(engine.engine_core.step, lambda: req_id not in scheduler.requests)
+    assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == free_before
+    assert [e.token_ids.tolist() for e in engine.entries("copy")] == [report_tokens[100:700]]
+
+
+def test_a_prompt_preempted_while_its_kv_is_copied_is_not_stored(engine, report_tokens):
+    """Preemption frees the blocks the copy reads: that copy is dropped, never stored."""
+    llm_engine, scheduler = engine.llm.llm_engine, engine.engine_core.scheduler
+    prompt = report_tokens[200:800]
+    req_id = llm_engine.add_request("copy-preempted", {
+        "prompt_token_ids": prompt, "cache_salt": "copy-preempted"}, sampling(4))
+    step_until(llm_engine.step, lambda: req_id in engine.scheduler._last_saves)
+    request = scheduler.requests[req_id]
+    scheduler.running.remove(request)
+    scheduler._preempt_request(request, time.monotonic())  # as vLLM does when out of blocks
+    finished = step_until_done(llm_engine)
+    engine.settle()
+    assert engine.entries("copy-preempted") == []
+    again = engine.run(prompt, "copy-preempted-again", max_tokens=4)
+    assert finished["copy-preempted"].outputs[0].token_ids == again.outputs[0].token_ids
 
 
 def test_no_request_state_outlives_its_request(engine, stored):
