@@ -122,6 +122,7 @@ OTHER = (
     "Inverness and the memories of an elderly fisherman who heard the tale as a boy. "
 ) * 10
 BYTES_PER_TOKEN = 23_040  # SmolLM2-135M, bf16
+TAIL = KVShareConfig().recompute_tail_tokens
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +172,7 @@ def serve(policy, request):
 
 
 def test_connector_reuses_vllm_hit_plus_claim_minus_tail_and_rho(make_connector, tokenizer, doc):
-    policy = make_connector()  # the embedded default: thresholds 0.5 / 64, tail 64, rho 0.15
+    policy = make_connector()  # the embedded default: thresholds 0.5 / 64, tail, rho 0.15
     n1 = len(doc)
     inserted = token_array(tokenizer, " (all of these figures are still unaudited)")
     k = len(inserted)
@@ -190,10 +191,10 @@ def test_connector_reuses_vllm_hit_plus_claim_minus_tail_and_rho(make_connector,
     # of the first prompt up to, not including, the last token.
     assert runs_of(policy.last_lookup.plan) == [(0, e1, 0, 300), (301 + k, e1, 301, n1 - 302)]
     # vLLM's prefix cache (128-token blocks) serves the two blocks before the insert; the
-    # claim runs from there to 64 tokens before the last one, which vLLM computes.
+    # claim runs from there to the tail before the last token, which vLLM computes.
     assert out.prefix_hit.tokens == 256
-    assert (out.claim.start, out.claim.end) == (256, n2 - 1 - 64)
-    planned = (300 - 256) + (n2 - 65 - (301 + k))
+    assert (out.claim.start, out.claim.end) == (256, n2 - 1 - TAIL)
+    planned = (300 - 256) + (n2 - 1 - TAIL - (301 + k))
     assert out.claim.planned_reuse == out.loaded == planned
     assert out.reused == planned - round(0.15 * planned)
     assert reused == out.reused_tokens == 256 + planned - round(0.15 * planned)
@@ -216,7 +217,7 @@ def test_connector_reuses_vllm_hit_plus_claim_minus_tail_and_rho(make_connector,
         ((n2 - 1) // 128 * 128, 256, 1)
     assert {run.entry_id for run in policy.last_lookup.plan.runs} == {second_entry.entry_id}
     assert (out.source_depth, out.depth, out.stored) == (1, 2, False)
-    planned = n2 - 65 - out.prefix_hit.tokens
+    planned = n2 - 1 - TAIL - out.prefix_hit.tokens
     assert reused == out.prefix_hit.tokens + planned - round(0.15 * planned)
     assert policy.stats.served_from_approximate == 1
     assert policy.stats.claimed == 2 and policy.stats.approximate_prefix_hits == 1

@@ -238,10 +238,13 @@ def test_requests_give_teacher_forcing_its_own_scope_and_the_reference():
 
     from kvshare.config import KVShareConfig
 
+    tail = KVShareConfig().recompute_tail_tokens
     long_pair = Q.PreparedPair("p1", "edit:name", "", list(range(10, 110)), list(range(10, 130)))
+    short_pair = Q.PreparedPair("p2", "similar", "", list(range(10, 20)),
+                                list(range(10, 11 + tail)))  # claims nothing: all tail
     heads = Q.split_heads(KVShareConfig())
     vanilla = {r.req_id: r for r in Q.vanilla_requests(
-        [pair, long_pair], ["prefix", "split_tail"], 200, heads, filler_token=7)}
+        [pair, long_pair, short_pair], ["prefix", "split_tail"], 200, heads, filler_token=7)}
     assert vanilla["tf/ref/p0"].forced_from == "later/ref/p0"
     assert vanilla["tf/ref/p0"].reference_from is None  # the reference returns its rows
     assert vanilla["tf/ref/p0"].top_k == Q.REFERENCE_TOP_K
@@ -249,8 +252,8 @@ def test_requests_give_teacher_forcing_its_own_scope_and_the_reference():
     assert vanilla["tf/prefix/p0"].salt == vanilla["earlier/tf/prefix/p0"].salt
     split = vanilla["tf/split_tail/p1"]
     assert split.filler_ids == vanilla["later/split_tail/p1"].filler_ids
-    assert len(split.filler_ids) == 2 * 200 - (120 - 1 - 64)  # head: where the claim ends
-    assert vanilla["later/split_tail/p0"].filler_ids is None  # 60 tokens: nothing to claim
+    assert len(split.filler_ids) == 2 * 200 - (120 - 1 - tail)  # head: where the claim ends
+    assert vanilla["later/split_tail/p2"].filler_ids is None  # one step, as nothing is claimed
     assert "later/split/p0" not in vanilla and "earlier/prefix/p0" in vanilla
 
 
