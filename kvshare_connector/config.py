@@ -103,6 +103,15 @@ class KVShareConfig:
     # --- selective recompute (DHD) ---------------------------------------------------
     rho: float = 0.15
     """Share of reused tokens recomputed by deviation at the check layers."""
+    rho_mass: float = 0.0
+    """0 keeps ``rho`` fixed. Above 0 the budget adapts per request: each check recomputes
+    the fewest reused tokens whose scores cover this share of all their scores, between
+    ``rho_min`` and ``rho_max`` of the reused tokens (a request's ``kvshare_rho`` still
+    fixes its own)."""
+    rho_min: float = 0.05
+    """Least share of reused tokens an adaptive budget recomputes."""
+    rho_max: float = 0.5
+    """Largest share of reused tokens an adaptive budget recomputes."""
     check_layers: list[int] = field(default_factory=lambda: [1])
     """Layers at which fresh and reused K/V are compared."""
     select_by: str = "deviation"
@@ -163,6 +172,10 @@ class KVShareConfig:
         _require(self.codec_threads >= 1, "codec_threads", self.codec_threads, ">= 1")
         _require(self.gpu_bytes >= 0, "gpu_bytes", self.gpu_bytes, ">= 0")
         _require(0.0 <= self.rho <= 1.0, "rho", self.rho, "in [0, 1]")
+        _require(0.0 <= self.rho_mass <= 1.0, "rho_mass", self.rho_mass, "in [0, 1]")
+        _require(0.0 <= self.rho_min <= 1.0, "rho_min", self.rho_min, "in [0, 1]")
+        _require(self.rho_min <= self.rho_max <= 1.0, "rho_max", self.rho_max,
+                 f"in [rho_min ({self.rho_min}), 1]")
         _require(self.recompute_tail_tokens >= 0, "recompute_tail_tokens",
                  self.recompute_tail_tokens, ">= 0")
         _require(self.select_by in ("deviation", "attention", "both"), "select_by",

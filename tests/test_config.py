@@ -48,6 +48,8 @@ def test_unknown_environment_key_is_named():
         ("top_k", "many", "top_k='many'"),
         ("top_k", 0, "top_k=0"),
         ("rho", 1.5, "rho=1.5"),
+        ("rho_mass", -0.1, "rho_mass=-0.1"),
+        ("rho_max", 0.01, "rho_max=0.01"),  # below rho_min
         ("share_public_scope", "maybe", "share_public_scope='maybe'"),
         ("compression", "lz4", "compression='lz4'"),
         ("redis_url", "localhost:6379", "redis_url='localhost:6379'"),

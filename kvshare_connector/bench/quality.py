@@ -64,10 +64,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SYSTEMS = ("kvshare", "kvshare_tailkv", "naive", "cacheblend", "gptcache", "prefix", "split",
-           "split_tail")
-DEFAULT_SYSTEMS = tuple(s for s in SYSTEMS if s != "kvshare_tailkv")
-CONNECTOR_SYSTEMS = ("kvshare", "kvshare_tailkv", "naive", "cacheblend")
+SYSTEMS = ("kvshare", "kvshare_tailkv", "kvshare_adaptive", "naive", "cacheblend", "gptcache",
+           "prefix", "split", "split_tail")
+DEFAULT_SYSTEMS = tuple(s for s in SYSTEMS if s not in ("kvshare_tailkv", "kvshare_adaptive"))
+CONNECTOR_SYSTEMS = ("kvshare", "kvshare_tailkv", "kvshare_adaptive", "naive", "cacheblend")
+DEFAULT_RHO_MASS = 0.5
+"""``rho_mass`` of ``kvshare_adaptive`` when the config leaves the budget fixed."""
 SPLIT_SYSTEMS = ("split", "split_tail")
 SWEEP_RHOS = (0.0, 0.05, 0.1, 0.15, 0.3, 1.0)
 CACHEBLEND_RHO = 0.15
@@ -89,6 +91,7 @@ EPILOG = """\
 systems (each pair has its own cache_salt, so pairs never reuse each other):
   kvshare         the connector as configured (--config, --set, --rho)
   kvshare_tailkv  the same with recompute_tail_by=kvshare (not run by default)
+  kvshare_adaptive  the same with the adaptive DHD budget (--adaptive; not run by default)
   naive           the connector recomputing only placeholders and boundaries
   cacheblend      the connector, exact 256-token chunks at any position + 15% recompute
   gptcache        the earlier prompt's answer, returned as is
@@ -127,6 +130,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
                         help=f"comma-separated systems to run, from {','.join(SYSTEMS)} "
                              f"(default: {','.join(DEFAULT_SYSTEMS)})")
+    parser.add_argument("--adaptive", type=float, nargs="?", const=-1.0, metavar="MASS",
+                        help="also run kvshare_adaptive: the connector recomputing, per "
+                             "request, the reused tokens that cover MASS of the deviation, "
+                             "between the config's rho_min and rho_max (MASS: the config's "
+                             f"rho_mass, else {DEFAULT_RHO_MASS})")
     parser.add_argument("--sweep", action="store_true",
                         help=f"also run kvshare at rho in {list(SWEEP_RHOS)} and plot quality "
                              "against TTFT (more requests on the kvshare engine)")
@@ -245,6 +253,10 @@ def run(args: argparse.Namespace) -> int:
     from kvshare.bench.engine_config import base_config, ignored_environment
 
     systems = _parse_systems(args.systems)
+    if args.adaptive is not None and "kvshare_adaptive" not in systems:
+        systems.append("kvshare_adaptive")
+    if args.adaptive is not None and args.adaptive != -1.0 and not 0.0 < args.adaptive <= 1.0:
+        raise SystemExit(f"--adaptive MASS must be in (0, 1], got {args.adaptive}")
     if args.pairs < 2:
         raise SystemExit(f"--pairs must be >= 2 (half similar, half edits), got {args.pairs}")
     if args.rho is not None and not 0.0 <= args.rho <= 1.0:
@@ -387,14 +399,18 @@ def matching_split(connector: dict[str, Any]) -> str:
 
 
 def connector_overrides(system: str, rho: float | None, home: str,
-                        min_reuse_fraction: float) -> dict[str, Any]:
-    """What a connector system sets on top of the base config."""
+                        min_reuse_fraction: float, rho_mass: float | None = None
+                        ) -> dict[str, Any]:
+    """What a connector system sets on top of the base config (``rho_mass``: the adaptive
+    system's, None for the config's or ``DEFAULT_RHO_MASS``)."""
     bench = {"home": home, "min_reuse_fraction": min_reuse_fraction, "min_reuse_tokens": 1}
     own = {"rho": rho} if rho is not None else {}
     if system == "kvshare":
         return {**bench, **own}
     if system == "kvshare_tailkv":
         return {**bench, **own, "recompute_tail_by": "kvshare"}
+    if system == "kvshare_adaptive":
+        return {**bench, **({"rho_mass": rho_mass} if rho_mass is not None else {})}
     if system == "naive":
         return {**bench, "rho": 0.0, "check_layers": []}
     if system == "cacheblend":
@@ -526,11 +542,13 @@ def run_systems(pairs: list[PreparedPair], systems: list[str], args: argparse.Na
 
     rows: dict[str, dict] = {}
     sweep: dict[str, dict] = {}
+    rho_mass = (args.adaptive if args.adaptive not in (None, -1.0)
+                else base.rho_mass or DEFAULT_RHO_MASS)
     for name in [s for s in systems if s in CONNECTOR_SYSTEMS]:
         sweeping = args.sweep and name == "kvshare"
         with tempfile.TemporaryDirectory(prefix=f"kvshare-quality-{name}-") as home:
             config = connector_config(base, **connector_overrides(
-                name, args.rho, home, args.min_reuse_fraction))
+                name, args.rho, home, args.min_reuse_fraction, rho_mass))
             rhos = [None] + ([r for r in SWEEP_RHOS if r != config["rho"]] if sweeping else [])
             known = [done[f"{kind}/ref/{p.pair_id}"] for p in pairs for kind in ("later", "tf")]
             try:

@@ -58,6 +58,9 @@ class LoadSpec:
     tail_start: int
     """Claimed positions from here on are always recomputed (the prompt's tail when kvshare
     computes it; ``end`` when vLLM does)."""
+    adaptive: bool = False
+    """The config's adaptive budget (``rho_mass``) replaces ``rho``: set, and not
+    overridden by the request."""
 
     @property
     def end(self) -> int:

@@ -368,9 +368,11 @@ class KVShareScheduler:
         }
         extra = request.sampling_params.extra_args if request.sampling_params else None
         rho = float((extra or {}).get(RHO_ARG, self.config.rho))
+        adaptive = self.config.rho_mass > 0 and RHO_ARG not in (extra or {})
         return LoadSpec(req_id=request.request_id, token_ids=list(request.prompt_token_ids),
                         block_ids=state.block_ids, num_computed=claim.start,
                         num_claimed=claim.num_claimed, runs=runs, sources=sources, rho=rho,
+                        adaptive=adaptive,
                         tail_start=max(claim.start, min(claim.end, tail_start(
                             state.prompt_tokens, self.config))))
 

@@ -50,7 +50,7 @@ from kvshare.connector.metadata import (
 from kvshare.connector.paged_kv import PagedKV
 from kvshare.connector.save_queue import SaveJob, SaveQueue
 from kvshare.plugin import loaded_model
-from kvshare.recompute.engine import PromptKV, SelectiveRecomputeEngine
+from kvshare.recompute.engine import MassBudget, PromptKV, SelectiveRecomputeEngine
 from kvshare.recompute.rope import rerotate_keys
 from kvshare.recompute.vllm_adapter import VLLMDecoderAdapter
 from kvshare.storage.chunk import KVLayout
@@ -75,6 +75,9 @@ class KVShareWorker:
         self.layout: KVLayout | None = None
         self._out = KVShareWorkerMetadata()
         self._load_errors: set[int] = set()
+        self._budget = (MassBudget(config.rho_mass, config.rho_min, config.rho_max)
+                        if config.rho_mass > 0 else None)
+        """The adaptive DHD budget, for fills whose request does not fix its rho."""
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="kvshare-save-copy")
         self._copies: dict[str, tuple[SaveSpec, Future[torch.Tensor]]] = {}
         """Prompts being copied out of their blocks, from ``wait_for_save`` to the next
@@ -154,7 +157,8 @@ class KVShareWorker:
             started = time.perf_counter()
             missing: set[str] = set()
             try:
-                loaded, recomputed, load_seconds = self._fill(spec, spec.rho, missing)
+                loaded, recomputed, load_seconds = self._fill(
+                    spec, spec.rho, missing, budget=self._budget if spec.adaptive else None)
                 fallback = False
             except Exception:
                 logger.exception("kvshare: selective fill of %s failed; recomputing the claim",
@@ -174,9 +178,10 @@ class KVShareWorker:
                 seconds=time.perf_counter() - started, load_seconds=load_seconds,
                 sources=len(spec.sources)))
 
-    def _fill(self, spec: LoadSpec, rho: float, missing: set[str], load: bool = True
-              ) -> tuple[int, int, float]:
-        """Write K/V for positions ``[num_computed, end)``.
+    def _fill(self, spec: LoadSpec, rho: float, missing: set[str], load: bool = True,
+              budget: MassBudget | None = None) -> tuple[int, int, float]:
+        """Write K/V for positions ``[num_computed, end)``, recomputing ``rho`` of the reused
+        tokens (or what ``budget`` decides).
 
         Returns the claimed tokens loaded, the tokens recomputed, and the seconds spent
         loading (fetch + re-rotation). Adds to ``missing`` the sources some of whose
@@ -200,7 +205,7 @@ class KVShareWorker:
         pending[spec.tail_start:] = True
         adapter.bind(spec.block_ids, write_from=start)
         engine = SelectiveRecomputeEngine(adapter, rho=rho, check_layers=self.config.check_layers,
-                                          select_by=self.config.select_by)
+                                          select_by=self.config.select_by, budget=budget)
         result = engine.prefill(spec.token_ids[:kv.num_tokens], kv, pending.nonzero().flatten(),
                                 exact_prefix=start, logits=False,
                                 probe_from=end if probes else None)

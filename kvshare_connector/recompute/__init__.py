@@ -5,10 +5,16 @@ model (GPU benchmarks, tests). See ``docs/recompute.md``.
 """
 
 from kvshare.recompute.adapter import ModelAdapter
-from kvshare.recompute.engine import PromptKV, RecomputeResult, SelectiveRecomputeEngine
+from kvshare.recompute.engine import (
+    MassBudget,
+    PromptKV,
+    RecomputeResult,
+    SelectiveRecomputeEngine,
+)
 from kvshare.recompute.rope import rerotate_keys
 
 __all__ = [
+    "MassBudget",
     "ModelAdapter",
     "PromptKV",
     "RecomputeResult",

@@ -29,6 +29,12 @@ Gradual filtering (optional): with several check layers and a non-increasing ``r
 per check layer, each later check re-ranks the still-tracked reused tokens by their
 deviation there and keeps the top ``rho[i]`` fraction (of all reused tokens).
 
+Adaptive budget (optional, ``MassBudget``): instead of a fixed ``rho``, each check keeps
+the fewest reused tokens whose scores cover a share of the total score, clamped to
+``[rho_min, rho_max]`` of the reused tokens: an edit that changes little (a number)
+concentrates the deviation on few tokens and costs little, one that changes what the
+prompt is about spreads it and gets more.
+
 Invariants: at every layer, every position whose hidden state is tracked has its K/V row
 written fresh at that layer; the tracked set only shrinks, and only at check layers;
 initial-set positions are never dropped. ``rho = 1`` tracks everything through every
@@ -51,6 +57,34 @@ the reused rows (CacheBlend, KVShare's DHD); ``attention``, the attention mass t
 probes (the prompt's tail) pay them (query-driven, as ProphetKV); ``both``, deviation
 times attention mass: a first-order estimate of how much a stale row changes what the
 tail reads."""
+
+
+@dataclass(frozen=True)
+class MassBudget:
+    """How many reused tokens a check keeps: the fewest whose scores cover ``mass`` of all
+    reused tokens' scores, at least ``rho_min`` and at most ``rho_max`` of them."""
+
+    mass: float
+    rho_min: float
+    rho_max: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mass <= 1.0:
+            raise ValueError(f"mass must lie in (0, 1], got {self.mass}")
+        if not 0.0 <= self.rho_min <= self.rho_max <= 1.0:
+            raise ValueError(f"need 0 <= rho_min <= rho_max <= 1, got rho_min {self.rho_min} "
+                             f"and rho_max {self.rho_max}")
+
+    def tokens(self, scores: torch.Tensor, num_reused: int) -> int:
+        """Reused tokens to keep, given the candidates' non-negative ``scores``."""
+        low = min(round(self.rho_min * num_reused), scores.numel())
+        high = min(round(self.rho_max * num_reused), scores.numel())
+        ranked = scores.float().clamp_min(0).sort(descending=True).values
+        covered = ranked.cumsum(0)
+        if covered.numel() == 0 or covered[-1] <= 0:
+            return low
+        needed = int(torch.searchsorted(covered, self.mass * covered[-1]).item()) + 1
+        return max(low, min(high, needed))
 
 
 def _attention_mass(probe_q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -124,6 +158,7 @@ class SelectiveRecomputeEngine:
         check_layers: strictly increasing layer indices where reused tokens are ranked.
             Empty means naive reuse: only the initial recompute set is computed.
         select_by: how reused tokens are ranked at a check layer (``SELECT_BY``).
+        budget: an adaptive budget that replaces ``rho`` at every check layer.
     """
 
     def __init__(
@@ -132,6 +167,7 @@ class SelectiveRecomputeEngine:
         rho: float | Sequence[float] = 0.15,
         check_layers: Sequence[int] = (1,),
         select_by: str = "deviation",
+        budget: MassBudget | None = None,
     ) -> None:
         if select_by not in SELECT_BY:
             raise ValueError(f"select_by must be one of {', '.join(SELECT_BY)}, got {select_by!r}")
@@ -158,6 +194,7 @@ class SelectiveRecomputeEngine:
         self.check_layers = check_layers
         self.rhos = rhos
         self.select_by = select_by
+        self.budget = budget
 
     @property
     def first_reused_layer(self) -> int:
@@ -258,7 +295,7 @@ class SelectiveRecomputeEngine:
             if layer in checks:
                 keep = self._select(
                     q, k, v, reused, layer, positions, initial, is_probe,
-                    round(checks[layer] * num_reused), last=layer == self.check_layers[-1],
+                    checks[layer], num_reused, last=layer == self.check_layers[-1],
                 )
             reused.keys[layer, positions] = k
             reused.values[layer, positions] = v
@@ -298,11 +335,13 @@ class SelectiveRecomputeEngine:
         positions: torch.Tensor,
         initial: torch.Tensor,
         is_probe: torch.Tensor,
-        budget: int,
+        rho: float,
+        num_reused: int,
         last: bool,
     ) -> torch.Tensor:
-        """Row indices into ``positions`` to keep: every initial one, the ``budget``
-        reused ones that rank highest, and the probes unless this is the ``last`` check.
+        """Row indices into ``positions`` to keep: every initial one, the reused ones that
+        rank highest (``rho`` of ``num_reused``, or as many as ``self.budget`` says), and
+        the probes unless this is the ``last`` check.
 
         Must run before the fresh rows overwrite ``reused`` (it reads the reused rows).
         """
@@ -318,6 +357,8 @@ class SelectiveRecomputeEngine:
                 score[candidate] = attention
             else:
                 score[candidate] *= attention
+        budget = (self.budget.tokens(score[candidate], num_reused) if self.budget is not None
+                  else round(rho * num_reused))
         score[~candidate] = torch.inf  # initial rows are garbage; probes wait their turn
         num_keep = min(positions.numel(), int((~candidate).sum()) + budget)
         keep = torch.topk(score, num_keep, sorted=False).indices.sort().values

@@ -212,6 +212,9 @@ def test_connector_systems_layer_on_the_base_config():
     assert connector_config(base, **Q.connector_overrides("kvshare", 0.3, "/h", 0.0))["rho"] == 0.3
     tailkv = connector_config(base, **Q.connector_overrides("kvshare_tailkv", None, "/h", 0.0))
     assert tailkv["recompute_tail_by"] == "kvshare" and tailkv["check_layers"] == [2]
+    adaptive = connector_config(base, **Q.connector_overrides("kvshare_adaptive", 0.3, "/h", 0.0,
+                                                                 rho_mass=0.6))
+    assert adaptive["rho_mass"] == 0.6 and adaptive["rho"] == 0.2  # --rho is kvshare's
     naive = connector_config(base, **Q.connector_overrides("naive", 0.3, "/h", 0.0))
     assert naive["check_layers"] == [] and naive["rho"] == 0.0
     assert naive["recompute_tail_tokens"] == 32  # the YAML's base still applies

@@ -136,3 +136,27 @@ def test_tenants_never_share_chunk_bytes(engine, report_tokens):
     for tenant in keys:
         assert [e.chunk_keys for e in engine.entries(tenant)] == [[k.hex() for k in keys[tenant]]]
         assert all((engine.chunk_dir / f"{k.hex()}.kvc").is_file() for k in keys[tenant])
+
+
+def test_an_adaptive_budget_sets_the_recompute_unless_the_request_fixes_rho(
+        engine, report_tokens, monkeypatch):
+    """rho_min = rho_max pins the adaptive budget: the fill recomputes that share of the
+    reused tokens; a request's own ``kvshare_rho`` keeps the fixed rule."""
+    import dataclasses
+
+    from kvshare.recompute import MassBudget
+
+    base = report_tokens[300:300 + SPLIT]
+    tenant = "adaptive"
+    engine.run(base, tenant)
+    edits = [base[:120] + report_tokens[900 + i:904 + i] + base[124:] for i in range(3)]
+    fixed = report(engine.run(edits[0], tenant, rho=0.15))["recomputed"]
+    config = dataclasses.replace(engine.scheduler.config, rho_mass=0.5, rho_min=0.6,
+                                 rho_max=0.6)
+    monkeypatch.setattr(engine.scheduler, "config", config)
+    monkeypatch.setattr(engine.worker, "_budget", MassBudget(0.5, 0.6, 0.6))
+    adaptive = report(engine.run(edits[1], tenant))["recomputed"]
+    overridden = report(engine.run(edits[2], tenant, rho=0.15))["recomputed"]
+    assert adaptive > 2 * fixed
+    assert abs(overridden - fixed) <= 2  # the same rule on a same-sized edit
+

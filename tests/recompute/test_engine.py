@@ -7,7 +7,7 @@ import pytest
 import torch
 from recompute_reference import full_prefill, relative_error
 
-from kvshare.recompute import PromptKV, SelectiveRecomputeEngine
+from kvshare.recompute import MassBudget, PromptKV, SelectiveRecomputeEngine
 
 
 def _clone(kv: PromptKV) -> PromptKV:
@@ -67,6 +67,45 @@ def test_dhd_finds_and_repairs_the_deviating_rows(tiny):
     torch.testing.assert_close(result.kv.keys, exact_kv.keys, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(result.kv.values, exact_kv.values, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(result.last_logits, exact_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("mass", "rho_min", "rho_max", "expected"), [
+    (0.5, 0.0, 1.0, 1),   # the top score alone is half the total
+    (0.75, 0.0, 1.0, 2),
+    (1.0, 0.0, 1.0, 7),   # zero scores are never needed
+    (0.5, 0.3, 1.0, 3),   # at least rho_min of the 10 reused tokens
+    (1.0, 0.0, 0.2, 2),   # at most rho_max
+])
+def test_a_mass_budget_keeps_the_fewest_tokens_covering_the_mass(mass, rho_min, rho_max,
+                                                                 expected):
+    scores = torch.tensor([1.0, 10.0, 0.0, 5.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0])
+    assert MassBudget(mass, rho_min, rho_max).tokens(scores, num_reused=10) == expected
+    assert MassBudget(mass, rho_min, rho_max).tokens(torch.zeros(10), 10) == round(rho_min * 10)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ((0.0, 0.1, 0.5), r"mass must lie in \(0, 1\], got 0.0"),
+    ((0.5, 0.6, 0.5), r"rho_min 0.6 and rho_max 0.5"),
+])
+def test_bad_mass_budgets_are_named(args, message):
+    with pytest.raises(ValueError, match=message):
+        MassBudget(*args)
+
+
+def test_an_adaptive_budget_recomputes_as_many_rows_as_deviate(tiny):
+    """Eight stale rows hold all the deviation: a 99.9% mass budget picks exactly them,
+    where a fixed rho would pick its share whatever deviates."""
+    ids = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(7))
+    exact_kv, exact_logits = full_prefill(tiny.model, ids)
+    stale = torch.tensor([5, 17, 18, 40, 63, 64, 65, 90])
+    engine = SelectiveRecomputeEngine(tiny.adapter, budget=MassBudget(0.999, 0.0, 0.5))
+
+    result = engine.prefill(ids, _corrupted(exact_kv, stale), [99])
+
+    assert result.selected.tolist() == stale.tolist()
+    torch.testing.assert_close(result.last_logits, exact_logits, rtol=1e-5, atol=1e-5)
+    capped = SelectiveRecomputeEngine(tiny.adapter, budget=MassBudget(0.999, 0.0, 0.03))
+    assert len(capped.prefill(ids, _corrupted(exact_kv, stale), [99]).selected) == 3
 
 
 def test_naive_reuse_leaves_stale_rows_alone(tiny):
