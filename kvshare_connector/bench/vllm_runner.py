@@ -36,6 +36,7 @@ results of earlier engines that requests may refer to), the child writes a JSON 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -45,6 +46,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 CONNECTOR_NAME = "KVShareConnector"
 CONNECTOR_MODULE = "kvshare.connector"
@@ -179,9 +182,20 @@ def run_engine(spec: EngineSpec, requests: list[Req], known: Sequence[Result] = 
                 proc.kill()
                 raise EngineUnavailable(
                     f"engine {spec.name!r} exceeded {timeout_s:.0f} s") from None
-        if rc != 0 or not out.is_file():
-            raise EngineUnavailable(f"engine {spec.name!r} exited with {rc}: " + _error_of(tail))
-        return [Result(**item) for item in json.loads(out.read_text())]
+        return results_of(spec.name, rc, out, tail)
+
+
+def results_of(name: str, rc: int, out: Path, tail: list[str]) -> list[Result]:
+    """A child's results. The child writes them atomically once every request is served,
+    so a crash while its engine shuts down (vLLM's CPU engine has aborted there:
+    ``terminate called without an active exception``) leaves them complete: kept, with a
+    warning. No results means the engine failed."""
+    if not out.is_file():
+        raise EngineUnavailable(f"engine {name!r} exited with {rc}: " + _error_of(tail))
+    if rc != 0:
+        logger.warning("engine %r exited with %d after writing all its results: %s",
+                       name, rc, _error_of(tail))
+    return [Result(**item) for item in json.loads(out.read_text())]
 
 
 def _tee_progress(proc: subprocess.Popen, log, progress: bool) -> list[str]:
@@ -345,7 +359,10 @@ def _child(job_path: str, out_path: str) -> int:
             bar = "#" * int(20 * done)
             _say(f"{spec.name}: [{bar:<20}] {i + 1}/{len(requests)} "
                  f"({time.perf_counter() - started:.0f} s)")
-    Path(out_path).write_text(json.dumps([asdict(r) for r in results.values()]))
+    # Atomically: a crash while the engine shuts down leaves complete results or none.
+    partial = Path(out_path).with_suffix(".partial")
+    partial.write_text(json.dumps([asdict(r) for r in results.values()]))
+    partial.replace(out_path)
     return 0
 
 

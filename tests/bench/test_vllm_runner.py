@@ -87,3 +87,14 @@ def test_warmup_runs_a_fill_in_a_scope_of_its_own():
     assert second.token_ids == first.token_ids[1:]  # no prefix hit, everything to align
     assert len(first.token_ids) == 1024
     assert len({r.salt for r in warm}) == 3
+
+
+def test_results_written_before_a_crash_at_shutdown_are_kept(tmp_path, caplog):
+    out = tmp_path / "out.json"
+    tail = ["terminate called without an active exception"]
+    with pytest.raises(R.EngineUnavailable, match="engine 'vanilla' exited with -6: terminate"):
+        R.results_of("vanilla", -6, out, tail)  # no results: the engine failed
+    out.write_text('[{"req_id": "later/ref/x", "output_ids": [5]}]')
+    (kept,) = R.results_of("vanilla", -6, out, tail)
+    assert kept.req_id == "later/ref/x" and kept.output_ids == [5]
+    assert "exited with -6 after writing all its results" in caplog.text
