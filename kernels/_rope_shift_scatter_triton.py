@@ -67,26 +67,27 @@ def _rope_shift_scatter_kernel(
     k2 = x2 * cos + x1 * sin
 
     row_size: tl.constexpr = HEADS * 2 * HALF
-    d = tl.load(dense_rows + r, mask=row_ok, other=-1)
+    _store_rows(dense_k, dense_v, s_dense_k_layer, s_dense_v_layer, dense_rows, r, row_ok,
+                layer, inner, mask, k1, k2, v1, v2, HALF, row_size)
+    if HAS_PAGED:
+        _store_rows(paged_k, paged_v, s_paged_k_layer, s_paged_v_layer, paged_rows, r, row_ok,
+                    layer, inner, mask, k1, k2, v1, v2, HALF, row_size)
+
+
+@triton.jit
+def _store_rows(dst_k, dst_v, s_k_layer, s_v_layer, dst_rows, r, row_ok, layer, inner, mask,
+                k1, k2, v1, v2, HALF: tl.constexpr, ROW_SIZE: tl.constexpr):
+    """Write source row ``r``'s rotated keys and its values to destination row
+    ``dst_rows[r]`` of one layer (rows given -1 are skipped), in the destination's dtype."""
+    d = tl.load(dst_rows + r, mask=row_ok, other=-1)
     d_mask = mask & (d >= 0)[:, None, None]
-    dk = dense_k + (layer * s_dense_k_layer + d * row_size)[:, None, None] + inner
-    dv = dense_v + (layer * s_dense_v_layer + d * row_size)[:, None, None] + inner
-    out_dtype = dense_k.dtype.element_ty
+    dk = dst_k + (layer * s_k_layer + d * ROW_SIZE)[:, None, None] + inner
+    dv = dst_v + (layer * s_v_layer + d * ROW_SIZE)[:, None, None] + inner
+    out_dtype = dst_k.dtype.element_ty
     tl.store(dk, k1.to(out_dtype), mask=d_mask)
     tl.store(dk + HALF, k2.to(out_dtype), mask=d_mask)
     tl.store(dv, v1.to(out_dtype), mask=d_mask)
     tl.store(dv + HALF, v2.to(out_dtype), mask=d_mask)
-    if HAS_PAGED:
-        p = tl.load(paged_rows + r, mask=row_ok, other=-1)
-        p_mask = mask & (p >= 0)[:, None, None]
-        pk = paged_k + (layer * s_paged_k_layer + p * row_size)[:, None, None] + inner
-        pv = paged_v + (layer * s_paged_v_layer + p * row_size)[:, None, None] + inner
-        paged_dtype = paged_k.dtype.element_ty
-        tl.store(pk, k1.to(paged_dtype), mask=p_mask)
-        tl.store(pk + HALF, k2.to(paged_dtype), mask=p_mask)
-        tl.store(pv, v1.to(paged_dtype), mask=p_mask)
-        tl.store(pv + HALF, v2.to(paged_dtype), mask=p_mask)
-
 
 def rope_shift_scatter_triton(src: torch.Tensor, src_rows: torch.Tensor, deltas: torch.Tensor,
                               inv_freq: torch.Tensor, dense: KVDestination,
