@@ -50,7 +50,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vllm.v1.core.sched.output import SchedulerOutput
-from vllm.v1.request import RequestStatus
 
 from kvshare.config import KVShareConfig
 from kvshare.connector.metadata import (
@@ -322,9 +321,7 @@ class KVShareScheduler:
                 self._on_scheduled(meta, state)
             self._maybe_save(meta, state, cached.num_computed_tokens[i] + num_scheduled[req_id])
         # Preempted since the last step (and possibly resumed by now, in other blocks).
-        preempted = (set(scheduler_output.preempted_req_ids or ()) | set(cached.resumed_req_ids)
-                     | {req_id for req_id, state in self._requests.items()
-                        if state.request.status == RequestStatus.PREEMPTED})
+        preempted = set(scheduler_output.preempted_req_ids or ()) | set(cached.resumed_req_ids)
         meta.discarded_saves = self._last_saves & preempted
         self._last_saves = {spec.req_id for spec in meta.saves}
         meta.held_for_save, self._held = self._held, set()
