@@ -9,6 +9,7 @@ because a silently ignored typo in a cache config shows up weeks later as a low 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import typing
 from collections.abc import Mapping
@@ -20,6 +21,10 @@ import yaml
 
 ENV_PREFIX = "KVSHARE_"
 CONFIG_ENV = "KVSHARE_CONFIG"
+
+
+CODECS = ("raw", "zstd", "zstd-byteplane")
+"""Chunk payload encodings (``kvshare.storage.codec``)."""
 
 
 class ConfigError(ValueError):
@@ -41,7 +46,44 @@ class KVShareConfig:
     home: str = ""
     """Root directory for kvshare state; empty means ``$KVSHARE_HOME`` or ~/.cache/kvshare."""
     share_public_scope: bool = True
-    """Let tenants reuse entries of the unsalted public scope (never other tenants')."""
+    """Let tenants reuse entries of the public scope (``default_tenant``'s)."""
+    default_tenant: str = ""
+    """The scope of requests without a ``cache_salt``; empty is the public scope."""
+    tenancy: str = "isolated"
+    """Who reuses whose entries: ``isolated`` (a tenant its own, plus the public scope if
+    ``share_public_scope``), ``groups`` (also every tenant of its ``tenant_groups``) or
+    ``popular`` (also any entry that ``popular_min_tenants`` distinct tenants aligned to);
+    see docs/security.md."""
+    tenant_groups: dict[str, list[str]] = field(default_factory=dict)
+    """``tenancy: groups``: group name -> its tenants; members reuse each other's entries."""
+    popular_min_tenants: int = 3
+    """``tenancy: popular``: distinct tenants whose prompts must align to an entry (its
+    owner included) before other tenants may reuse it."""
+    popular_min_reuse: float = 0.5
+    """``tenancy: popular``: a prompt aligns to an entry when the entry alone would fill at
+    least this share of the prompt's tokens."""
+    tenant_quota_bytes: int = 0
+    """KV bytes each tenant's entries may hold (their least recently used go first beyond
+    it); 0 is unlimited."""
+
+    # --- shared daemon ------------------------------------------------------------
+    mode: str = "embedded"
+    """``embedded`` (index and tiers inside each vLLM process) or ``remote`` (the connector
+    asks the ``kvshare daemon`` at ``daemon_address``)."""
+    daemon_address: str = ""
+    """ZeroMQ address of the daemon: ``ipc://PATH`` or ``tcp://HOST:PORT``; empty is
+    ``ipc://<home>/daemon.sock``. TCP requires ``daemon_secret``."""
+    daemon_secret: str = ""
+    """Shared secret of daemon and connectors over TCP: both derive ZeroMQ CURVE keys from
+    it, so traffic is encrypted and a client without it cannot connect."""
+    daemon_timeout_ms: int = 2000
+    """A daemon call not answered within this is given up (the request claims nothing)."""
+    daemon_threads: int = 2
+    """Daemon threads serving calls."""
+    metrics_port: int = 9401
+    """The daemon's Prometheus ``/metrics`` port on 127.0.0.1; 0 disables it."""
+    metrics_max_tenants: int = 32
+    """Tenants with their own metric labels; the rest are counted as ``other``."""
 
     # --- embedding and retrieval ----------------------------------------------------
     embedder: str = "wordllama"
@@ -92,6 +134,10 @@ class KVShareConfig:
     """Expire Redis chunks after this many seconds; 0 keeps them until evicted."""
     compression: str = "zstd-byteplane"
     """Chunk payload encoding: ``raw``, ``zstd`` or ``zstd-byteplane``."""
+    disk_compression: str = ""
+    """The disk tier's encoding; empty means ``compression``."""
+    redis_compression: str = ""
+    """The Redis tier's encoding; empty means ``compression``."""
     zstd_level: int = 1
     """zstd level for the compressed encodings; 1 measured best on bf16 KV (ratio and speed)."""
     codec_threads: int = 2
@@ -143,6 +189,11 @@ class KVShareConfig:
         return self.home_dir / "index"
 
     @property
+    def daemon_endpoint(self) -> str:
+        """The daemon's ZeroMQ address, the default one filled in."""
+        return self.daemon_address or f"ipc://{self.home_dir / 'daemon.sock'}"
+
+    @property
     def disk_path(self) -> Path | None:
         if self.disk_dir.lower() == "none":
             return None
@@ -166,8 +217,39 @@ class KVShareConfig:
         _require(self.cpu_bytes >= 0, "cpu_bytes", self.cpu_bytes, ">= 0")
         _require(self.disk_bytes >= 0, "disk_bytes", self.disk_bytes, ">= 0")
         _require(self.redis_ttl_s >= 0, "redis_ttl_s", self.redis_ttl_s, ">= 0")
-        _require(self.compression in ("raw", "zstd", "zstd-byteplane"), "compression",
-                 self.compression, "one of raw, zstd, zstd-byteplane")
+        for key in ("compression", "disk_compression", "redis_compression"):
+            value = getattr(self, key)
+            _require(value in CODECS or (value == "" and key != "compression"), key, value,
+                     "one of " + ", ".join(CODECS) + ("" if key == "compression" else
+                                                      " or empty (use compression)"))
+        _require(self.tenancy in ("isolated", "groups", "popular"), "tenancy", self.tenancy,
+                 "one of isolated, groups, popular")
+        _require(self.popular_min_tenants >= 2, "popular_min_tenants",
+                 self.popular_min_tenants, ">= 2 (one tenant alone must never unlock an entry)")
+        _require(0.0 < self.popular_min_reuse <= 1.0, "popular_min_reuse",
+                 self.popular_min_reuse, "in (0, 1]")
+        _require(self.tenant_quota_bytes >= 0, "tenant_quota_bytes", self.tenant_quota_bytes,
+                 ">= 0")
+        _require(self.mode in ("embedded", "remote"), "mode", self.mode,
+                 "one of embedded, remote")
+        _require(self.daemon_address == ""
+                 or self.daemon_address.startswith(("ipc://", "tcp://")), "daemon_address",
+                 self.daemon_address, "empty, ipc://PATH or tcp://HOST:PORT")
+        _require(not self.daemon_address.startswith("tcp://") or len(self.daemon_secret) >= 16,
+                 "daemon_secret", "<hidden>" if self.daemon_secret else "",
+                 "at least 16 characters when daemon_address is tcp://")
+        _require(self.daemon_timeout_ms >= 1, "daemon_timeout_ms", self.daemon_timeout_ms,
+                 ">= 1")
+        _require(self.daemon_threads >= 1, "daemon_threads", self.daemon_threads, ">= 1")
+        _require(0 <= self.metrics_port <= 65535, "metrics_port", self.metrics_port,
+                 "a port in [0, 65535] (0 disables)")
+        _require(self.metrics_max_tenants >= 0, "metrics_max_tenants",
+                 self.metrics_max_tenants, ">= 0")
+        groups = self.tenant_groups
+        _require(isinstance(groups, dict) and all(
+            isinstance(name, str) and isinstance(members, list)
+            and all(isinstance(m, str) for m in members) for name, members in groups.items()),
+            "tenant_groups", groups, "a mapping of group name -> list of tenants")
         _require(1 <= self.zstd_level <= 22, "zstd_level", self.zstd_level, "in [1, 22]")
         _require(self.codec_threads >= 1, "codec_threads", self.codec_threads, ">= 1")
         _require(self.gpu_bytes >= 0, "gpu_bytes", self.gpu_bytes, ">= 0")
@@ -294,6 +376,17 @@ def _coerce(key: str, raw: Any, kind: Any) -> Any:
         if isinstance(raw, (str, int, float)) and not isinstance(raw, bool):
             return str(raw)
         raise fail()
+    if typing.get_origin(kind) is dict:
+        _, value_kind = typing.get_args(kind)
+        items = raw
+        if isinstance(raw, str):  # env / --kvshare-set: JSON, e.g. '{"g": ["a", "b"]}'
+            try:
+                items = json.loads(raw)
+            except ValueError:
+                raise fail() from None
+        if not isinstance(items, dict):
+            raise fail()
+        return {str(name): _coerce(key, value, value_kind) for name, value in items.items()}
     if typing.get_origin(kind) is list:
         (item_kind,) = typing.get_args(kind)
         items = raw
