@@ -16,7 +16,7 @@ from kvshare.storage.disk_tier import DiskTier
 from kvshare.storage.memory_tier import MemoryTier
 from kvshare.storage.redis_tier import RedisTier
 from kvshare.storage.tier import Tier
-from kvshare.storage.tiered_store import TieredStore
+from kvshare.storage.tiered_store import ChunkStore, TieredStore
 
 logger = logging.getLogger(__name__)
 
@@ -43,3 +43,12 @@ def build_store(config: KVShareConfig) -> TieredStore:
     if not tiers:
         logger.warning("kvshare: every storage tier is disabled; nothing will be reused")
     return TieredStore(tiers)
+
+
+def open_store(config: KVShareConfig) -> ChunkStore:
+    """The chunk store ``config.mode`` names: tiers in this process, or the daemon's."""
+    if config.mode == "remote":
+        from kvshare.remote.client import RemoteStore
+
+        return RemoteStore.connect(config)
+    return build_store(config)

@@ -10,10 +10,28 @@ and the store carries on with the others.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 from kvshare.storage.chunk import KVChunk
 from kvshare.storage.keys import ChunkKey
 from kvshare.storage.tier import Tier, TierStats
+
+
+class ChunkStore(Protocol):
+    """What holds chunks for the connector: a :class:`TieredStore` in this process, or the
+    daemon's through ``kvshare.remote.client.RemoteStore``. Failures read as misses."""
+
+    def put(self, chunks: Sequence[KVChunk]) -> list[bool]: ...
+
+    def get(self, keys: Sequence[ChunkKey]) -> list[KVChunk | None]: ...
+
+    def contains(self, keys: Sequence[ChunkKey]) -> list[bool]: ...
+
+    def delete(self, keys: Sequence[ChunkKey]) -> None: ...
+
+    def stats(self) -> dict[str, TierStats]: ...
+
+    def close(self) -> None: ...
 
 
 class TieredStore:

@@ -68,6 +68,13 @@ def check_vllm_config(config: KVShareConfig, vllm_config: VllmConfig) -> None:
             vllm_config.kv_transfer_config.kv_load_failure_policy)
 
 
+def kv_bytes_per_token(vllm_config: VllmConfig) -> int:
+    """Bytes of K and V one prompt token holds over all layers (what a stored token costs)."""
+    model, parallel = vllm_config.model_config, vllm_config.parallel_config
+    return (2 * model.get_num_layers(parallel) * model.get_num_kv_heads(parallel)
+            * model.get_head_size() * model.dtype.itemsize)
+
+
 class KVShareConnector(KVConnectorBase_V1):
     """Reuse the KV of similar earlier prompts; see docs/connector.md."""
 
@@ -81,14 +88,16 @@ class KVShareConnector(KVConnectorBase_V1):
                                      config.home_dir)
         self._scheduler = self._worker = None
         if role == KVConnectorRole.SCHEDULER:
+            from kvshare.catalog import open_catalog
             from kvshare.connector.scheduler import KVShareScheduler
 
             block_size = vllm_config.cache_config.block_size
             self._scheduler = KVShareScheduler(
-                config, model_id, vllm_config.model_config.tokenizer,
+                config, model_id, vllm_config.model_config.tokenizer, open_catalog(config),
                 hash_block_size=(kv_cache_config.hash_block_size if kv_cache_config
                                  and kv_cache_config.hash_block_size else block_size),
-                num_kv_blocks=kv_cache_config.num_blocks if kv_cache_config else 1 << 16)
+                num_kv_blocks=kv_cache_config.num_blocks if kv_cache_config else 1 << 16,
+                kv_bytes_per_token=kv_bytes_per_token(vllm_config))
         else:
             from kvshare.connector.worker import KVShareWorker
 

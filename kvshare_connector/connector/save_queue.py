@@ -27,7 +27,7 @@ import torch
 
 from kvshare.storage.chunk import KVChunk, split_prompt_kv
 from kvshare.storage.keys import ChunkKey
-from kvshare.storage.tiered_store import TieredStore
+from kvshare.storage.tiered_store import ChunkStore
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class SaveQueue:
     storing raises, so the scheduler never waits for an answer that cannot come.
     """
 
-    def __init__(self, store: TieredStore, model_id: str, chunk_tokens: int,
+    def __init__(self, store: ChunkStore, model_id: str, chunk_tokens: int,
                  capacity_bytes: int) -> None:
         self.store = store
         self.model_id = model_id

@@ -1,7 +1,8 @@
 """Scheduler-side half of the connector (runs in vLLM's EngineCore process).
 
 It decides claims from token ids alone (it never sees KV), with the one claim rule of
-:mod:`kvshare.matching.claim`, and owns the entry index (its single writer).
+:mod:`kvshare.matching.claim`, and asks the :class:`~kvshare.catalog.Catalog` (the entry
+index in this process, or the ``kvshare daemon``) for lookups and commits.
 
 It must never stall or kill the EngineCore loop, so:
 
@@ -11,7 +12,8 @@ It must never stall or kill the EngineCore loop, so:
 * prompts whose chunks are still being written (saves in flight) compete in lookups like
   indexed entries, and the worker serves their chunks from its save queue: a burst of
   similar prompts reuses its first member without waiting for its save;
-* LanceDB writes (flushes, compaction) run on a second background thread;
+* commits, drops, hit counts and load reports go to the catalog from a second
+  background thread (the embedded catalog writes LanceDB on a thread of its own);
 * the worker copies a prompt's KV out of its blocks after the step that returns its first
   token (see the worker), and a request preempted meanwhile has its copy discarded; a
   request that finishes before its save is answered keeps its blocks (``request_finished``
@@ -36,21 +38,25 @@ remembers those hashes so that such a request is stored as approximate too.
 Per-request state and who removes it: ``_requests`` from a request's first
 ``get_num_new_matched_tokens`` to ``request_finished``; ``_saving`` from the step a
 SaveSpec goes out to the worker's stored / not-stored answer (the worker answers every
-SaveSpec); ``_last_saves`` and ``_held`` for one step; ``_late_reports`` from ``request_finished`` to the load report of the same
-step (dropped after ``LATE_REPORT_STEPS`` updates at the latest).
+SaveSpec); ``_last_saves`` and ``_held`` for one step; ``_late_reports`` from
+``request_finished`` to the load report of the same step (dropped after
+``LATE_REPORT_STEPS`` updates at the latest).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vllm.v1.core.sched.output import SchedulerOutput
 
+from kvshare.catalog import Catalog, LoadOutcome
 from kvshare.config import KVShareConfig
 from kvshare.connector.metadata import (
     KVShareConnectorMetadata,
@@ -62,9 +68,8 @@ from kvshare.connector.metadata import (
     SourceEntry,
 )
 from kvshare.matching.claim import Claim, claimed_runs, decide_claim, kv_origin, tail_start
-from kvshare.matching.embedder import make_embedder
-from kvshare.matching.matcher import PUBLIC_SCOPE, LookupResult, Matcher
-from kvshare.storage.index import EntryIndex, IndexEntry, new_entry_id
+from kvshare.matching.matcher import PUBLIC_SCOPE, LookupResult
+from kvshare.storage.index import IndexEntry, new_entry_id
 from kvshare.storage.keys import chunk_keys
 
 if TYPE_CHECKING:
@@ -83,13 +88,11 @@ LOOKUP_TIMEOUT_S = 5.0
 """A lookup still running after this long is given up: the request is computed by vLLM."""
 LATE_REPORT_STEPS = 2
 """Output updates a finished request's report may arrive after ``request_finished``."""
-COMPACT_EVERY_FLUSHES = 64
-"""LanceDB compaction (and old-version cleanup) after this many flushes."""
 
 
-def tenant_of(request: Request) -> str:
-    """vLLM's ``cache_salt`` names the tenant; unsalted requests are the public scope."""
-    return request.cache_salt or PUBLIC_SCOPE
+def tenant_of(request: Request, default_tenant: str = PUBLIC_SCOPE) -> str:
+    """vLLM's ``cache_salt`` names the tenant; unsalted requests belong to the default."""
+    return request.cache_salt or default_tenant
 
 
 def prompt_tokens_of(request: Request) -> int:
@@ -179,22 +182,23 @@ class KVShareScheduler:
     """Claims, load plans and index commits; see the module docstring."""
 
     def __init__(self, config: KVShareConfig, model_id: str, tokenizer_dir: str,
-                 *, hash_block_size: int, num_kv_blocks: int) -> None:
+                 catalog: Catalog, *, hash_block_size: int, num_kv_blocks: int,
+                 kv_bytes_per_token: int) -> None:
         from transformers import AutoTokenizer
 
         self.config = config
-        embedder = make_embedder(config.embedder, config.embed_max_chars,
-                                 cache_dir=config.home_dir / "wordllama")
-        index = EntryIndex(config.index_dir, embedder.dim,
-                           ann_min_rows=config.ann_index_min_rows,
-                           flush_rows=config.index_flush_rows,
-                           max_entries=config.index_max_entries, auto_flush=False)
-        self.matcher = Matcher.from_config(config, index, embedder, model_id)
+        self.model_id = model_id
+        self.catalog = catalog
         self._tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         self._hash_block_size = hash_block_size
+        self._kv_bytes_per_token = kv_bytes_per_token
         self.approximate_blocks = ApproximateBlocks(capacity=num_kv_blocks)
         self._requests: dict[str, _RequestState] = {}
         self._saving: dict[str, _Saving] = {}
+        self._committing: dict[str, IndexEntry] = {}
+        """Entries stored and on their way into the catalog: until the commit call has
+        run they stay visible to lookups as in flight. Written by both threads."""
+        self._committing_lock = threading.Lock()
         self._last_saves: set[str] = set()
         """Requests whose SaveSpec went out in the latest step: the worker copies their KV
         out of their blocks until the next step begins."""
@@ -204,15 +208,8 @@ class KVShareScheduler:
         self._late_reports: dict[str, tuple[int, dict[str, Any]]] = {}
         self._updates = 0
         self._lookups = ThreadPoolExecutor(1, thread_name_prefix="kvshare-lookup")
-        self._writes = ThreadPoolExecutor(1, thread_name_prefix="kvshare-index")
-        self._flush_queued: Future | None = None
-        self._flushes = 0
-        if self.index.needs_flush:  # e.g. a large partition to index after opening
-            self._queue_flush()
-
-    @property
-    def index(self) -> EntryIndex:
-        return self.matcher.index
+        self._hits = ThreadPoolExecutor(1, thread_name_prefix="kvshare-hits")
+        """Hit counts and load reports to the catalog (a daemon call is a round trip)."""
 
     # ------------------------------------------------------------------ claims
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int
@@ -239,7 +236,8 @@ class KVShareScheduler:
         state = self._requests.get(request.request_id)
         if state is None:
             state = self._requests[request.request_id] = _RequestState(
-                request, tenant_of(request), prompt_tokens_of(request))
+                request, tenant_of(request, self.config.default_tenant),
+                prompt_tokens_of(request))
         return state
 
     def _lookup_ready(self, state: _RequestState) -> bool:
@@ -265,14 +263,16 @@ class KVShareScheduler:
 
     def _submit_lookup(self, state: _RequestState) -> None:
         ids = list(state.request.prompt_token_ids[:state.prompt_tokens])
-        in_flight = [saving.entry for saving in self._saving.values()]
+        with self._committing_lock:
+            in_flight = [saving.entry for saving in self._saving.values()]
+            in_flight += self._committing.values()
         state.lookup_started = time.perf_counter()
         state.lookup = self._lookups.submit(self._lookup, ids, state.tenant, in_flight)
 
     def _lookup(self, token_ids: list[int], tenant: str, in_flight: list[IndexEntry]
                 ) -> LookupResult:
         text = self._tokenizer.decode(token_ids)
-        return self.matcher.lookup(text, token_ids, tenant, extra=in_flight)
+        return self.catalog.lookup(self.model_id, text, token_ids, tenant, in_flight)
 
     def _origin(self, state: _RequestState, num_computed: int) -> _Origin:
         """Exact leading tokens and depth of the KV this request will have."""
@@ -343,7 +343,8 @@ class KVShareScheduler:
             state.load_due = False
             meta.loads.append(self._load_spec(state))
             state.loads_out += 1
-            self.index.record_hits(state.result.plan.source_entries)
+            self._hits.submit(self._quietly, self.catalog.record_hits,
+                              state.result.plan.source_entries)
 
     def _mark_approximate(self, state: _RequestState) -> None:
         """vLLM's prefix cache now holds this request's approximate blocks under its hashes."""
@@ -404,10 +405,10 @@ class KVShareScheduler:
                for hit in result.hits):
             return None  # this scope already holds this prompt, at least as exact
         entry_id, exact_tokens = new_entry_id(), min(origin.exact_tokens, len(prompt))
-        keys = chunk_keys(self.matcher.model_id, prompt, self.config.chunk_tokens,
+        keys = chunk_keys(self.model_id, prompt, self.config.chunk_tokens,
                           scope=state.tenant, exact_tokens=exact_tokens, variant=entry_id)
         return IndexEntry(
-            entry_id=entry_id, model_id=self.matcher.model_id, scope=state.tenant,
+            entry_id=entry_id, model_id=self.model_id, scope=state.tenant,
             embedding=result.embedding, token_ids=prompt,
             text_preview=self._tokenizer.decode(prompt[:64]),
             chunk_keys=[key.hex() for key in keys], depth=origin.depth,
@@ -438,21 +439,21 @@ class KVShareScheduler:
         for req_id in worker_meta.not_stored:
             self._saving.pop(req_id, None)
         if committed:
-            evicted = self.index.add(committed)
-            if evicted:
-                logger.info("kvshare: index at capacity, dropped %d least recently used "
-                            "entries", len(evicted))
-        missing = worker_meta.missing_entries
-        if missing:
-            logger.info("kvshare: dropping %d entries whose chunks are gone", len(missing))
-            self.index.delete(missing)
-        if committed or missing:
-            self._queue_flush()
+            with self._committing_lock:
+                self._committing.update((entry.entry_id, entry) for entry in committed)
+            self._hits.submit(self._commit_entries, committed)
+        if worker_meta.missing_entries:
+            logger.info("kvshare: dropping %d entries whose chunks are gone",
+                        len(worker_meta.missing_entries))
+            self._hits.submit(self._quietly, self.catalog.drop, worker_meta.missing_entries)
 
     def _take_report(self, report: LoadReport) -> None:
         logger.info("kvshare: %s", report)
         state = self._requests.get(report.req_id)
         if state is not None:
+            self._hits.submit(self._quietly, self.catalog.report_load, LoadOutcome(
+                state.tenant, report.claimed, report.reused, report.recomputed,
+                report.fallback))
             state.report = report
             state.loads_out = max(0, state.loads_out - 1)
             return
@@ -485,24 +486,32 @@ class KVShareScheduler:
             report.update(state.report.as_dict())
         return {"kvshare": report}
 
-    # ------------------------------------------------------------------ index writes
-    def _queue_flush(self) -> None:
-        """One LanceDB flush at a time, off the EngineCore thread; compaction now and then."""
-        if self._flush_queued is not None and not self._flush_queued.done():
-            return
-        self._flush_queued = self._writes.submit(self._flush)
-
-    def _flush(self) -> None:
+    # ------------------------------------------------------------------ catalog calls
+    def _commit_entries(self, entries: list[IndexEntry]) -> None:
         try:
-            self.index.flush()
-            self._flushes += 1
-            if self._flushes % COMPACT_EVERY_FLUSHES == 0:
-                self.index.compact()
+            self.catalog.commit(entries, self._kv_bytes_per_token)
         except Exception:
-            logger.exception("kvshare: writing the index failed; entries stay in memory "
-                             "and are written with the next flush")
+            logger.exception("kvshare: indexing %d entries failed; they will not be reused",
+                             len(entries))
+        finally:
+            with self._committing_lock:
+                for entry in entries:
+                    self._committing.pop(entry.entry_id, None)
+
+    @staticmethod
+    def _quietly(call: Callable[..., object], *args: object) -> None:
+        """Catalog writes run on a background thread; a failure loses a hit count, an
+        entry or a report, never a request."""
+        try:
+            call(*args)
+        except Exception:
+            logger.exception("kvshare: %s failed", getattr(call, "__name__", call))
+
+    def wait_for_catalog(self) -> None:
+        """Return once every catalog call queued so far has run (FIFO, one thread)."""
+        self._hits.submit(lambda: None).result()
 
     def shutdown(self) -> None:
         self._lookups.shutdown(wait=False, cancel_futures=True)
-        self._writes.shutdown(wait=True)
-        self.index.close()
+        self._hits.shutdown(wait=True)
+        self.catalog.close()

@@ -56,7 +56,7 @@ from kvshare.recompute.vllm_adapter import VLLMDecoderAdapter
 from kvshare.storage.chunk import KVLayout
 from kvshare.storage.commit import entries_missing_chunks, fetch_entry_chunks
 from kvshare.storage.index import stored_chunk_keys
-from kvshare.tiers_setup import build_store
+from kvshare.tiers_setup import open_store
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class KVShareWorker:
     def __init__(self, config: KVShareConfig, model_id: str) -> None:
         self.config = config
         self.model_id = model_id
-        self.store = build_store(config)
+        self.store = open_store(config)
         self.saves = SaveQueue(self.store, model_id, config.chunk_tokens,
                                config.save_queue_bytes)
         self.paged: PagedKV | None = None
@@ -98,7 +98,9 @@ class KVShareWorker:
         self.adapter = VLLMDecoderAdapter(model, self.paged)
         self.layout = KVLayout(self.adapter.num_layers, self.adapter.num_kv_heads,
                                self.adapter.head_dim, self.adapter.dtype)
-        threading.Thread(target=self._reconcile, name="kvshare-reconcile", daemon=True).start()
+        if self.config.mode == "embedded":  # the daemon checks its own index at start-up
+            threading.Thread(target=self._reconcile, name="kvshare-reconcile",
+                             daemon=True).start()
 
     def _reconcile(self) -> None:
         """Find the durable index entries whose chunks the tiers no longer hold."""

@@ -69,9 +69,10 @@ class Engine:
         scheduler = self.engine_core.scheduler
         while scheduler.has_requests():
             self.engine_core.step()
+        self.scheduler.wait_for_catalog()
         assert not self.scheduler._saving, "a save was not answered"
 
     def entries(self, tenant: str) -> list:
         """Index entries of ``tenant``, oldest first."""
-        return sorted((e for e in self.scheduler.index.entries() if e.scope == tenant),
+        return sorted((e for e in self.scheduler.catalog.index.entries() if e.scope == tenant),
                       key=lambda e: e.created_at)

@@ -71,7 +71,7 @@ def test_a_prefix_hit_on_approximate_blocks_is_stored_as_approximate(engine, cha
 
 
 def test_the_index_stays_within_its_cap(engine, report_tokens, monkeypatch):
-    index = engine.scheduler.index
+    index = engine.scheduler.catalog.index
     cap = len(index) + 2
     monkeypatch.setattr(index, "max_entries", cap)
     for i in range(4):

@@ -75,7 +75,7 @@ def test_a_failing_lookup_means_no_claim_and_the_engine_serves(engine, stored,
     def broken(*args, **kwargs):
         raise RuntimeError("injected lookup failure")
 
-    monkeypatch.setattr(engine.scheduler.matcher, "lookup", broken)
+    monkeypatch.setattr(engine.scheduler.catalog, "lookup", broken)
     served = engine.run(prompt, tenant)
     monkeypatch.undo()
     vanilla = engine.run(prompt, tenant + "-vanilla")

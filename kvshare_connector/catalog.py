@@ -1,0 +1,157 @@
+"""The entry catalog: what the scheduler side of the connector asks of the cache's index.
+
+A :class:`Catalog` looks prompts up (embed, search the scopes the tenancy policy allows,
+align, plan), commits the entries whose chunks the tiers hold, drops entries whose
+chunks are gone, counts hits and hears load reports. Two implementations:
+
+* :class:`LocalCatalog`, the entry index in this process: the connector's embedded mode
+  (one per vLLM instance) and the ``kvshare daemon`` (one per host, for every instance);
+* ``kvshare.remote.client.RemoteCatalog``, the same calls sent to the daemon.
+
+One writer per index directory: the LocalCatalog that opened it. LanceDB writes
+(flushes, compaction) run on a background thread, so a caller never waits for disk.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+from kvshare.config import KVShareConfig
+from kvshare.matching.embedder import Embedder, make_embedder
+from kvshare.matching.matcher import LookupResult, Matcher
+from kvshare.storage.index import EntryIndex, IndexEntry
+
+logger = logging.getLogger(__name__)
+
+COMPACT_EVERY_FLUSHES = 64
+"""LanceDB compaction (and old-version cleanup) after this many flushes."""
+
+
+@dataclass(frozen=True)
+class LoadOutcome:
+    """What one fill did, as the worker reported it (token counts of the claim)."""
+
+    tenant: str
+    claimed: int
+    reused: int
+    """Loaded and not recomputed."""
+    recomputed: int
+    fallback: bool
+
+
+class Catalog(Protocol):
+    """The scheduler side's view of the cache index (see the module docstring)."""
+
+    def lookup(self, model_id: str, text: str, token_ids: Sequence[int], tenant: str,
+               in_flight: Sequence[IndexEntry] = ()) -> LookupResult:
+        """Plan the reuse of earlier prompts for this one; ``in_flight`` are entries whose
+        chunks are still being written (they compete like indexed ones)."""
+        ...
+
+    def commit(self, entries: Sequence[IndexEntry], kv_bytes_per_token: int) -> None:
+        """Index entries whose chunks the tiers hold."""
+        ...
+
+    def drop(self, entry_ids: Iterable[str]) -> None:
+        """Forget entries whose chunks are gone."""
+        ...
+
+    def record_hits(self, entry_ids: Iterable[str]) -> None:
+        """Count a reuse of each entry (it feeds LRU eviction)."""
+        ...
+
+    def report_load(self, outcome: LoadOutcome) -> None:
+        """Hear what a fill did (metrics)."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+class LocalCatalog:
+    """An :class:`EntryIndex` with one :class:`Matcher` per model; see the module docstring.
+
+    Thread-safe: lookups may run on several threads while commits arrive (the index
+    guards its mirror with its own lock).
+    """
+
+    def __init__(self, config: KVShareConfig, embedder: Embedder | None = None) -> None:
+        self.config = config
+        self.embedder = embedder or make_embedder(config.embedder, config.embed_max_chars,
+                                                  cache_dir=config.home_dir / "wordllama")
+        self.index = EntryIndex(config.index_dir, self.embedder.dim,
+                                ann_min_rows=config.ann_index_min_rows,
+                                flush_rows=config.index_flush_rows,
+                                max_entries=config.index_max_entries, auto_flush=False)
+        self._matchers: dict[str, Matcher] = {}
+        self._writes = ThreadPoolExecutor(1, thread_name_prefix="kvshare-index")
+        self._flush_queued: Future | None = None
+        self._flushes = 0
+        if self.index.needs_flush:  # e.g. a large partition to index after opening
+            self._queue_flush()
+
+    def matcher(self, model_id: str) -> Matcher:
+        matcher = self._matchers.get(model_id)
+        if matcher is None:
+            matcher = self._matchers[model_id] = Matcher.from_config(
+                self.config, self.index, self.embedder, model_id)
+        return matcher
+
+    # ------------------------------------------------------------------ Catalog
+    def lookup(self, model_id: str, text: str, token_ids: Sequence[int], tenant: str,
+               in_flight: Sequence[IndexEntry] = ()) -> LookupResult:
+        return self.matcher(model_id).lookup(text, token_ids, tenant, extra=in_flight)
+
+    def commit(self, entries: Sequence[IndexEntry], kv_bytes_per_token: int) -> None:
+        if not entries:
+            return
+        evicted = self.index.add(list(entries))
+        if evicted:
+            logger.info("kvshare: index at capacity, dropped %d least recently used entries",
+                        len(evicted))
+        self._queue_flush()
+
+    def drop(self, entry_ids: Iterable[str]) -> None:
+        ids = list(entry_ids)
+        if ids and self.index.delete(ids):
+            self._queue_flush()
+
+    def record_hits(self, entry_ids: Iterable[str]) -> None:
+        self.index.record_hits(entry_ids)
+
+    def report_load(self, outcome: LoadOutcome) -> None:
+        pass  # the daemon's subclass counts these; an embedded catalog has no metrics
+
+    def close(self) -> None:
+        self._writes.shutdown(wait=True)
+        self.index.close()
+
+    # ------------------------------------------------------------------ writes
+    def _queue_flush(self) -> None:
+        """One LanceDB flush at a time, off the caller's thread; compaction now and then."""
+        if self._flush_queued is not None and not self._flush_queued.done():
+            return
+        self._flush_queued = self._writes.submit(self._flush)
+
+    def _flush(self) -> None:
+        try:
+            self.index.flush()
+            self._flushes += 1
+            if self._flushes % COMPACT_EVERY_FLUSHES == 0:
+                self.index.compact()
+        except Exception:
+            logger.exception("kvshare: writing the index failed; entries stay in memory "
+                             "and are written with the next flush")
+
+
+def open_catalog(config: KVShareConfig) -> Catalog:
+    """The catalog ``config.mode`` names: the index in this process, or the daemon's."""
+    if config.mode == "remote":
+        from kvshare.remote.client import RemoteCatalog
+
+        return RemoteCatalog.connect(config)
+    return LocalCatalog(config)
