@@ -20,8 +20,7 @@ from kvshare.matching.chunk_plan import plan_chunk_reuse
 from kvshare.matching.embedder import Embedder
 from kvshare.matching.plan import Candidate, ReusePlan
 from kvshare.storage.index import EntryIndex, IndexEntry, SearchHit, new_entry_id
-
-PUBLIC_SCOPE = ""
+from kvshare.tenancy import PUBLIC_SCOPE, TenancyPolicy
 
 
 @dataclass
@@ -42,7 +41,12 @@ class LookupResult:
 
 
 class Matcher:
-    """Retrieval + alignment over one :class:`EntryIndex` for one model."""
+    """Retrieval + alignment over one :class:`EntryIndex` for one model.
+
+    Which entries a tenant's lookup may reuse is its ``policy``'s decision
+    (``kvshare.tenancy``); entries it may not reuse never reach the plan or
+    ``LookupResult.hits``.
+    """
 
     def __init__(
         self,
@@ -50,9 +54,9 @@ class Matcher:
         embedder: Embedder,
         model_id: str,
         *,
+        policy: TenancyPolicy | None = None,
         top_k: int = 8,
         min_run_tokens: int = 8,
-        share_public_scope: bool = True,
         planner: str = "align",
         chunk_tokens: int = 256,
     ) -> None:
@@ -61,47 +65,53 @@ class Matcher:
         self.index = index
         self.embedder = embedder
         self.model_id = model_id
+        self.policy = policy or TenancyPolicy()
+        """Default: ``isolated``, sharing the public scope."""
         self.top_k = top_k
         self.min_run_tokens = min_run_tokens
-        self.share_public_scope = share_public_scope
         self.planner = planner
         self.chunk_tokens = chunk_tokens
 
     @classmethod
     def from_config(cls, config: KVShareConfig, index: EntryIndex, embedder: Embedder,
-                    model_id: str) -> Matcher:
-        return cls(index, embedder, model_id, top_k=config.top_k,
-                   min_run_tokens=config.min_run_tokens,
-                   share_public_scope=config.share_public_scope,
-                   planner=config.planner, chunk_tokens=config.chunk_tokens)
-
-    def scopes_for(self, tenant: str) -> list[str]:
-        """A tenant sees its own entries and, if allowed, the public scope; never others'."""
-        if tenant == PUBLIC_SCOPE or not self.share_public_scope:
-            return [tenant]
-        return [tenant, PUBLIC_SCOPE]
+                    model_id: str, policy: TenancyPolicy | None = None) -> Matcher:
+        """A matcher as configured. Matchers of one index (one per model) must share one
+        ``policy``; without one, the configured policy is built with its state beside
+        ``index``."""
+        if policy is None:
+            policy = TenancyPolicy.from_config(config, state_dir=index.path)
+        return cls(index, embedder, model_id, policy=policy, top_k=config.top_k,
+                   min_run_tokens=config.min_run_tokens, planner=config.planner,
+                   chunk_tokens=config.chunk_tokens)
 
     def lookup(self, text: str, token_ids: Sequence[int], tenant: str = PUBLIC_SCOPE,
                extra: Sequence[IndexEntry] = ()) -> LookupResult:
-        """Embed, search the tenant's scopes, align, plan.
+        """Embed, search what the tenant may reuse, align, plan.
 
         ``extra`` are entries not in the index yet (the connector's saves in flight); those
-        of the tenant's scopes compete with the index's hits by distance, so a caller can
+        the tenant may reuse compete with the index's hits by distance, so a caller can
         see that the best plan would read from an entry that is still being stored.
 
         The ``top_k`` nearest entries are offered to the planner exact ones first (by
         ``IndexEntry.depth``): the planner lets earlier candidates win ties, so where an
         exactly computed entry covers as many tokens as an approximate one, its KV is read.
+
+        Under a policy that ``searches_every_scope`` (``popular``), the ``top_k`` nearest
+        entries of every scope are searched as well: the popular ones among them compete
+        like the tenant's own, and the others are aligned one by one only to count this
+        tenant for them (``TenancyPolicy.observe_lookup``); that time is in ``search_ms``.
         """
         t0 = time.perf_counter()
         embedding = self.embedder.embed([text])[0]
         t1 = time.perf_counter()
-        hits = self.index.search(embedding, self.model_id, self.scopes_for(tenant), self.top_k)
-        if extra:
-            scopes = set(self.scopes_for(tenant))
-            hits += [SearchHit(entry, 1.0 - float(entry.embedding @ embedding)) for entry in extra
-                     if entry.scope in scopes and entry.model_id == self.model_id]
-            hits = sorted(hits, key=lambda hit: hit.distance)[: self.top_k]
+        hits = self.index.search(embedding, self.model_id, self.policy.scopes(tenant),
+                                 self.top_k)
+        if self.policy.searches_every_scope:
+            hits += self._popular_hits(embedding, token_ids, tenant,
+                                       {hit.entry.entry_id for hit in hits})
+        hits += [SearchHit(entry, 1.0 - float(entry.embedding @ embedding)) for entry in extra
+                 if entry.model_id == self.model_id and self.policy.visible(entry, tenant)]
+        hits = sorted(hits, key=lambda hit: hit.distance)[: self.top_k]
         hits = sorted(hits, key=lambda hit: (hit.entry.depth, hit.distance))
         t2 = time.perf_counter()
         candidates = [Candidate(hit.entry.entry_id, hit.entry.token_ids) for hit in hits]
@@ -112,6 +122,23 @@ class Matcher:
         t3 = time.perf_counter()
         return LookupResult(plan, hits, embedding, (t1 - t0) * 1e3, (t2 - t1) * 1e3,
                             (t3 - t2) * 1e3)
+
+    def _popular_hits(self, embedding: np.ndarray, token_ids: Sequence[int], tenant: str,
+                      found: set[str]) -> list[SearchHit]:
+        """The popular entries among the ``top_k`` nearest of every scope that the
+        tenant's own search did not return; counts the tenant for the rest."""
+        popular: list[SearchHit] = []
+        hidden: list[IndexEntry] = []
+        for hit in self.index.search(embedding, self.model_id, None, self.top_k):
+            if hit.entry.entry_id in found:
+                continue
+            if self.policy.visible(hit.entry, tenant):
+                popular.append(hit)
+            else:
+                hidden.append(hit.entry)
+        self.policy.observe_lookup(tenant, token_ids, hidden,
+                                   min_run_tokens=self.min_run_tokens)
+        return popular
 
     def insert(
         self,

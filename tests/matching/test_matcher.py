@@ -6,6 +6,7 @@ import pytest
 
 from kvshare.matching.matcher import Matcher
 from kvshare.storage.index import EntryIndex
+from kvshare.tenancy import TenancyPolicy
 
 REPORT = (
     "Quarterly report for Northwind Traders. Revenue grew 12% to $4.1M while costs fell "
@@ -55,7 +56,7 @@ def test_tenants_never_see_each_other(matcher, tokenizer):
     assert matcher.lookup(REPORT, tokens).plan.reused_tokens == 0
     matcher.insert(REPORT, tokens)
     assert matcher.lookup(REPORT, tokens, tenant="tenant-b").plan.reused_tokens == len(tokens) - 1
-    matcher.share_public_scope = False
+    matcher.policy = TenancyPolicy(share_public_scope=False)
     assert matcher.lookup(REPORT, tokens, tenant="tenant-b").plan.reused_tokens == 0
 
 
