@@ -24,9 +24,10 @@ logger = logging.getLogger(__name__)
 def build_store(config: KVShareConfig) -> TieredStore:
     """Tiers fastest first: GPU, CPU, disk, Redis; a zero capacity or empty URL skips one.
 
-    Disk and Redis share one codec, so both hold the same encoded bytes.
+    Disk and Redis each get the codec of their own ``disk_compression`` /
+    ``redis_compression`` (empty: ``compression``): compression pays on slow links and
+    for capacity, not on a local disk or a localhost Redis (see the config keys).
     """
-    codec = ChunkCodec(config.compression, level=config.zstd_level, threads=config.codec_threads)
     tiers: list[Tier] = []
     if config.gpu_bytes:
         if torch.cuda.is_available():
@@ -37,12 +38,21 @@ def build_store(config: KVShareConfig) -> TieredStore:
     if config.cpu_bytes:
         tiers.append(MemoryTier.cpu(config.cpu_bytes))
     if config.disk_path is not None and config.disk_bytes:
-        tiers.append(DiskTier(config.disk_path, config.disk_bytes, codec))
+        tiers.append(DiskTier(config.disk_path, config.disk_bytes,
+                              _codec(config, config.disk_compression)))
     if config.redis_url:
-        tiers.append(RedisTier(config.redis_url, codec, ttl_s=config.redis_ttl_s))
+        tiers.append(RedisTier(config.redis_url, _codec(config, config.redis_compression),
+                               ttl_s=config.redis_ttl_s))
     if not tiers:
         logger.warning("kvshare: every storage tier is disabled; nothing will be reused")
     return TieredStore(tiers)
+
+
+def _codec(config: KVShareConfig, compression: str) -> ChunkCodec:
+    """A tier's codec: ``compression`` ("" means the config's ``compression``), tuned by
+    ``zstd_level`` and ``codec_threads``."""
+    return ChunkCodec(compression or config.compression, level=config.zstd_level,
+                      threads=config.codec_threads)
 
 
 def open_store(config: KVShareConfig) -> ChunkStore:

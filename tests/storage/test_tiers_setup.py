@@ -1,7 +1,9 @@
 """The config decides which tiers exist, in which order, with which caps."""
 
 import pytest
+import redis
 import torch
+from kv_samples import assert_same_chunk, make_chunks
 
 from kvshare.config import ConfigError, KVShareConfig
 from kvshare.tiers_setup import build_store
@@ -16,8 +18,51 @@ def test_default_like_config_builds_cpu_disk_redis_in_order(tmp_path, redis_serv
     assert cpu.stats().capacity_bytes == 1 << 20
     assert disk.root == tmp_path / "chunks" and disk.stats().capacity_bytes == 1 << 21
     assert redis_tier.ttl_s == 60
-    assert disk.codec is redis_tier.codec and disk.codec.compression == "zstd"
+    assert disk.codec.compression == redis_tier.codec.compression == "raw"  # the defaults
     store.close()
+
+
+@pytest.mark.parametrize(("disk_codec", "redis_codec", "expected"), [
+    ("", "", ("zstd", "zstd")),  # empty: the config's compression
+    ("zstd-byteplane", "raw", ("zstd-byteplane", "raw")),
+    ("raw", "zstd-byteplane", ("raw", "zstd-byteplane")),
+])
+def test_each_tier_gets_its_own_codec(tmp_path, redis_server, disk_codec, redis_codec,
+                                      expected):
+    config = KVShareConfig(home=str(tmp_path), cpu_bytes=0, redis_url=redis_server.url,
+                           compression="zstd", disk_compression=disk_codec,
+                           redis_compression=redis_codec,
+                           zstd_level=3, codec_threads=1)
+    store = build_store(config)
+    disk_tier, redis_tier = store.tiers
+    assert (disk_tier.codec.compression, redis_tier.codec.compression) == expected
+    assert disk_tier.codec.level == redis_tier.codec.level == 3
+    assert disk_tier.codec.threads == redis_tier.codec.threads == 1
+    # What each tier writes is encoded with its own codec, and reads back.
+    chunks = make_chunks(40, 16)
+    assert store.put(chunks) == [True] * 3
+    stored_codecs = (
+        codec_of((tmp_path / "chunks" / f"{chunks[0].key.hex()}.kvc").read_bytes()),
+        codec_of(redis.Redis.from_url(redis_server.url).get(
+            redis_tier.key_prefix + chunks[0].key)))
+    assert stored_codecs == expected
+    for tier in store.tiers:
+        for got, want in zip(tier.get([c.key for c in chunks]), chunks):
+            assert_same_chunk(got, want)
+    store.close()
+
+
+def codec_of(encoded: bytes) -> str:
+    """The codec a stored chunk names in its header (the byte after magic and version)."""
+    return {0: "raw", 1: "zstd", 2: "zstd-byteplane"}[encoded[6]]
+
+
+def test_the_shipped_defaults_store_disk_and_redis_chunks_raw():
+    config = KVShareConfig()
+    assert (config.compression, config.disk_compression, config.redis_compression) == (
+        "zstd-byteplane", "raw", "raw")
+    with pytest.raises(ConfigError, match="disk_compression='lz4'"):
+        KVShareConfig(disk_compression="lz4")
 
 
 def test_disabled_tiers_are_left_out(tmp_path):
