@@ -3,7 +3,9 @@
 Files are ``<root>/<key hex>.kvc`` holding the encoded chunk (header, checksum, payload).
 A write goes to a ``.tmp`` file, is fsynced and renamed over the final name, and the
 directory is fsynced once per batch, so a crash leaves either the whole chunk or no
-chunk, never a torn one; stray ``.tmp`` files are removed at start-up. A full disk
+chunk, never a torn one; stray ``.tmp`` files are removed at start-up once they are older
+than ``STALE_TEMP_S`` (younger ones may be another process's write in flight: ``kvshare
+inspect`` opens the tier beside a serving vLLM). A full disk
 (ENOSPC) fails only the chunk being written: nothing is ever overwritten in place.
 
 Recency survives restarts: every write and hit stamps the file's mtime with a strictly
@@ -19,18 +21,20 @@ import os
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from kvshare.storage.chunk import KVChunk
 from kvshare.storage.codec import ChunkCodec, ChunkCorruptError
 from kvshare.storage.keys import KEY_BYTES, ChunkKey
-from kvshare.storage.tier import Tier
+from kvshare.storage.tier import ChunkCheck, Tier
 
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".kvc"
 _TMP_SUFFIX = ".tmp"
+STALE_TEMP_S = 600
+"""A temp file lives for one write (milliseconds); one this old was left by a crash."""
 
 
 class DiskTier(Tier):
@@ -39,7 +43,7 @@ class DiskTier(Tier):
     Args:
         root: directory of the chunk files, created if missing; one tier per directory.
         capacity_bytes: cap on the files' total size; least recently used files go first.
-        codec: encodes the files (``build_store`` shares one codec with the Redis tier).
+        codec: encodes the files (``build_store``: the config's ``disk_compression``).
     """
 
     failures = (OSError,)
@@ -58,12 +62,14 @@ class DiskTier(Tier):
 
     # -- start-up -----------------------------------------------------------------------
     def _scan(self) -> None:
-        """Rebuild the LRU index from file names, sizes and mtimes; drop stray temp files."""
+        """Rebuild the LRU index from file names, sizes and mtimes; drop stale temp files."""
         found: list[tuple[int, ChunkKey, int]] = []
+        stale_before_ns = time.time_ns() - STALE_TEMP_S * 10**9
         with os.scandir(self.root) as entries:
             for entry in entries:
                 if entry.name.endswith(_TMP_SUFFIX):
-                    _unlink(Path(entry.path))
+                    if entry.stat().st_mtime_ns < stale_before_ns:
+                        _unlink(Path(entry.path))
                     continue
                 key = _key_of(entry.name)
                 if key is not None and entry.is_file():
@@ -125,16 +131,24 @@ class DiskTier(Tier):
     def _get_one(self, key: ChunkKey) -> KVChunk | None:
         if not self._touch_if_held(key):
             return None
+        chunk, _ = self._read_verified(key)
+        if chunk is not None:
+            _set_mtime(self._path(key), self._tick())
+        return chunk
+
+    def _read_verified(self, key: ChunkKey) -> tuple[KVChunk | None, str]:
+        """The key's chunk and ""; or None and why its file was damaged (the file is
+        dropped); or None and "" when the file is gone or unreadable."""
         path = self._path(key)
         try:
             with open(path, "rb", buffering=0) as f:
                 data = f.read()
         except FileNotFoundError:  # deleted behind our back
             self._forget(key)
-            return None
+            return None, ""
         except OSError as exc:
             self._record_failure("get", exc)
-            return None
+            return None, ""
         try:
             chunk = self.codec.decode(data)
             if chunk.key != key:
@@ -145,9 +159,22 @@ class DiskTier(Tier):
             with self._lock:
                 self._stats.corrupt += 1
                 self._drop(key)
-            return None
-        _set_mtime(path, self._tick())
-        return chunk
+            return None, str(exc)
+        return chunk, ""
+
+    def _keys(self) -> Iterator[ChunkKey]:
+        with self._lock:
+            held = list(self._sizes)
+        return iter(held)
+
+    def _check(self, keys: Sequence[ChunkKey]) -> list[ChunkCheck]:
+        checks = []
+        for key in keys:
+            with self._lock:
+                held = key in self._sizes
+            chunk, damage = self._read_verified(key) if held else (None, "")
+            checks.append(ChunkCheck(key, held=chunk is not None or bool(damage), damage=damage))
+        return checks
 
     def _contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
         with self._lock:

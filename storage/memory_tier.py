@@ -10,13 +10,13 @@ allocator (the pool), and exists only where CUDA does.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from kvshare.storage.chunk import KVChunk
 from kvshare.storage.keys import ChunkKey
-from kvshare.storage.tier import Tier
+from kvshare.storage.tier import ChunkCheck, Tier
 
 
 class MemoryTier(Tier):
@@ -104,6 +104,17 @@ class MemoryTier(Tier):
     def _contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
         with self._lock:
             return [key in self._chunks for key in keys]
+
+    def _keys(self) -> Iterator[ChunkKey]:
+        with self._lock:
+            held = list(self._chunks)
+        return iter(held)
+
+    def _check(self, keys: Sequence[ChunkKey]) -> list[ChunkCheck]:
+        # Tensors, not bytes: there is no checksum to recompute. What entered this tier
+        # was verified (read from a serialised tier) or computed by the model.
+        with self._lock:
+            return [ChunkCheck(key, held=key in self._chunks) for key in keys]
 
     def _delete(self, keys: Sequence[ChunkKey]) -> int:
         removed = 0

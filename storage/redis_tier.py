@@ -17,7 +17,7 @@ off, so a dead server costs one refused connection (or one timeout) per call, wh
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import redis
 from redis.backoff import NoBackoff
@@ -25,8 +25,8 @@ from redis.retry import Retry
 
 from kvshare.storage.chunk import KVChunk
 from kvshare.storage.codec import ChunkCodec, ChunkCorruptError
-from kvshare.storage.keys import ChunkKey
-from kvshare.storage.tier import Tier
+from kvshare.storage.keys import KEY_BYTES, ChunkKey
+from kvshare.storage.tier import ChunkCheck, Tier
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class RedisTier(Tier):
 
     Args:
         url: ``redis://host:port/db`` or ``unix://path``.
-        codec: encodes the values (``build_store`` shares one codec with the disk tier).
+        codec: encodes the values (``build_store``: the config's ``redis_compression``).
         ttl_s: expire chunks after this many seconds; 0 keeps them until evicted.
         max_connections: pool size; callers beyond it wait up to ``pool_timeout_s``.
         pipeline_bytes: a write pipeline is sent once it holds this many value bytes.
@@ -97,15 +97,16 @@ class RedisTier(Tier):
         found = []
         for key in keys:
             value = self._client.get(self._name(key))
-            found.append(None if value is None else self._decode(key, value))
+            found.append(None if value is None else self._decode(key, value)[0])
         return found
 
-    def _decode(self, key: ChunkKey, value: bytes) -> KVChunk | None:
+    def _decode(self, key: ChunkKey, value: bytes) -> tuple[KVChunk | None, str]:
+        """The value's chunk and ""; or None and why it is damaged (the key is deleted)."""
         try:
             chunk = self.codec.decode(value)
             if chunk.key != key:
                 raise ChunkCorruptError(f"value holds chunk {chunk.key.hex()}")
-            return chunk
+            return chunk, ""
         except ChunkCorruptError as exc:
             logger.warning("kvshare %s tier: dropping corrupt chunk %s: %s",
                            self.name, key.hex(), exc)
@@ -115,7 +116,22 @@ class RedisTier(Tier):
                 self._client.delete(self._name(key))
             except self.failures:
                 pass  # dropping it is only tidiness; the next get verifies again
-            return None
+            return None, str(exc)
+
+    def _keys(self) -> Iterator[ChunkKey]:
+        """SCAN for this tier's prefix (other data may share the server)."""
+        pattern = _glob_escape(self.key_prefix) + b"*"
+        for name in self._client.scan_iter(match=pattern, count=1000):
+            if len(name) == len(self.key_prefix) + KEY_BYTES:
+                yield name[len(self.key_prefix):]
+
+    def _check(self, keys: Sequence[ChunkKey]) -> list[ChunkCheck]:
+        checks = []
+        for key in keys:
+            value = self._client.get(self._name(key))
+            damage = "" if value is None else self._decode(key, value)[1]
+            checks.append(ChunkCheck(key, held=value is not None, damage=damage))
+        return checks
 
     def _contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
         pipe = self._client.pipeline(transaction=False)
@@ -140,3 +156,8 @@ class RedisTier(Tier):
 
     def close(self) -> None:
         self._pool.disconnect()
+
+
+def _glob_escape(raw: bytes) -> bytes:
+    """``raw`` with Redis glob metacharacters escaped, for a literal prefix match."""
+    return bytes(b for c in raw for b in ((92, c) if c in b"*?[]\\" else (c,)))

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -68,6 +68,18 @@ class TierStats:
         """Plain values for JSON (CLI, daemon), with the mean latencies added."""
         return {**dataclasses.asdict(self), "mean_put_ms": self.mean_put_ms,
                 "mean_get_ms": self.mean_get_ms}
+
+
+@dataclass(frozen=True)
+class ChunkCheck:
+    """What a scrub found for one key of a tier (``Tier.check``)."""
+
+    key: ChunkKey
+    held: bool
+    """The tier held the key when it was checked (False: absent, nothing was read)."""
+    damage: str = ""
+    """Why the stored bytes failed verification ("" when sound). A damaged chunk has been
+    dropped from the tier by the time ``check`` returns."""
 
 
 class Tier(ABC):
@@ -133,6 +145,27 @@ class Tier(ABC):
             return 0
         return self._guard("delete", lambda: self._delete(keys), 0)
 
+    def keys(self) -> Iterator[ChunkKey]:
+        """Every key the tier holds, in no particular order (unverified).
+
+        A snapshot for memory and disk tiers; Redis is scanned incrementally, so keys
+        written or evicted meanwhile may or may not appear. A backend failure ends the
+        iteration early (and is counted like any other).
+        """
+        try:
+            yield from self._keys()
+        except self.failures as exc:
+            self._record_failure("keys", exc)
+
+    def check(self, keys: Sequence[ChunkKey]) -> list[ChunkCheck]:
+        """Read and verify each chunk as ``get`` would, for a scrub (``kvshare inspect
+        verify``): damaged chunks are dropped and counted in ``corrupt``; hits, misses
+        and recency are left alone. A backend failure reads as not held."""
+        if not keys:
+            return []
+        return self._guard("check", lambda: self._check(keys),
+                           [ChunkCheck(key, held=False) for key in keys])
+
     def stats(self) -> TierStats:
         """A snapshot of the counters."""
         self._refresh_stats()
@@ -154,6 +187,12 @@ class Tier(ABC):
 
     @abstractmethod
     def _delete(self, keys: Sequence[ChunkKey]) -> int: ...
+
+    @abstractmethod
+    def _keys(self) -> Iterator[ChunkKey]: ...
+
+    @abstractmethod
+    def _check(self, keys: Sequence[ChunkKey]) -> list[ChunkCheck]: ...
 
     def _refresh_stats(self) -> None:  # noqa: B027 (optional hook, see docstring)
         """Pull usage figures the backend keeps itself (Redis); local tiers track them."""

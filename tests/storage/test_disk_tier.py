@@ -2,11 +2,12 @@
 
 import errno
 import os
+import time
 
 import pytest
 from kv_samples import assert_same_chunk, make_chunks
 
-from kvshare.storage.disk_tier import DiskTier
+from kvshare.storage.disk_tier import STALE_TEMP_S, DiskTier
 
 
 def files(root, pattern="*"):
@@ -68,10 +69,15 @@ def test_restart_keeps_recency_order(tmp_path, codec):
 def test_restart_removes_stray_temp_files_and_ignores_foreign_files(tmp_path, codec):
     (chunk,) = make_chunks(16, 16)
     DiskTier(tmp_path, 1 << 20, codec).put([chunk])
-    (tmp_path / f".{chunk.key.hex()}.abc.tmp").write_bytes(b"half a chunk")
+    stray = tmp_path / f".{chunk.key.hex()}.abc.tmp"
+    stray.write_bytes(b"half a chunk")
+    old = time.time() - STALE_TEMP_S - 1
+    os.utime(stray, (old, old))
+    in_flight = tmp_path / f".{chunk.key.hex()}.def.tmp"  # another process writing now
+    in_flight.write_bytes(b"a third of a chunk")
     (tmp_path / "notes.txt").write_text("not a chunk")
     tier = DiskTier(tmp_path, 1 << 20, codec)
-    assert files(tmp_path, "*.tmp") == [] and files(tmp_path, ".*") == []
+    assert files(tmp_path, "*.tmp") == files(tmp_path, ".*") == [in_flight.name]
     assert tier.stats().chunks == 1
     assert (tmp_path / "notes.txt").exists()
 
@@ -152,3 +158,26 @@ def test_delete_removes_files(tmp_path, codec):
     tier.put(chunks)
     assert tier.delete([chunks[0].key]) == 1
     assert files(tmp_path) == [f"{chunks[1].key.hex()}.kvc"]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_check_reads_every_byte_and_drops_damaged_files(tmp_path, codec, damage):
+    chunks = make_chunks(48, 16)
+    tier = DiskTier(tmp_path, 1 << 20, codec)
+    tier.put(chunks)
+    assert sorted(tier.keys()) == sorted(c.key for c in chunks)
+    path = tmp_path / f"{chunks[2].key.hex()}.kvc"
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[-1] ^= 0x80
+    else:
+        del data[-1:]
+    path.write_bytes(data)
+    order_before = list(tier.keys())
+    checks = tier.check([c.key for c in chunks] + [b"\0" * 16])
+    assert [(c.held, bool(c.damage)) for c in checks] == [
+        (True, False), (True, False), (True, True), (False, False)]
+    assert not path.exists() and chunks[2].key not in set(tier.keys())
+    stats = tier.stats()
+    assert (stats.corrupt, stats.chunks, stats.hits, stats.misses) == (1, 2, 0, 0)
+    assert list(tier.keys()) == [k for k in order_before if k != chunks[2].key]  # LRU order kept

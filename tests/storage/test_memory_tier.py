@@ -93,3 +93,15 @@ def test_gpu_tier_holds_chunks_in_device_memory_and_cpu_tier_pins():
     cpu = MemoryTier.cpu(capacity_bytes=1 << 20)
     cpu.put(chunks)
     assert cpu.pin_memory and cpu._chunks[chunks[0].key].kv.is_pinned()
+
+
+def test_keys_and_check_list_what_is_held_without_touching_recency():
+    chunks = make_chunks(16 * 3, 16)
+    tier = MemoryTier.cpu(capacity_bytes=3 * chunks[0].nbytes)
+    tier.put(chunks)
+    assert sorted(tier.keys()) == sorted(c.key for c in chunks)
+    checks = tier.check([chunks[0].key, b"\0" * 16])
+    assert [(c.held, c.damage) for c in checks] == [(True, ""), (False, "")]
+    tier.put(make_chunks(16, 16, seed=9))  # evicts the least recently used: chunk 0 still
+    assert chunks[0].key not in set(tier.keys())
+    assert (tier.stats().hits, tier.stats().misses) == (0, 0)

@@ -94,3 +94,34 @@ def test_killed_server_costs_misses_not_exceptions_and_recovers(redis_server, co
     for got, want in zip(tier.get([c.key for c in after]), after):
         assert_same_chunk(got, want)
     assert tier.stats().healthy
+
+
+def test_keys_scan_only_this_tiers_prefix_and_check_drops_damage(redis_server, codec):
+    chunks = make_chunks(40, 16)
+    tier = RedisTier(redis_server.url, codec)
+    tier.put(chunks)
+    client = raw_client(redis_server)
+    client.set(b"kvshare:chunk:too-short", b"x")  # same prefix, not a chunk key
+    client.set(b"other:data", b"y")
+    RedisTier(redis_server.url, codec, key_prefix=b"kv[1]*:").put(make_chunks(16, 16, seed=4))
+    assert sorted(tier.keys()) == sorted(c.key for c in chunks)
+    name = b"kvshare:chunk:" + chunks[1].key
+    value = bytearray(client.get(name))
+    value[-3] ^= 0x01
+    client.set(name, bytes(value))
+    checks = tier.check([c.key for c in chunks] + [b"\0" * 16])
+    assert [(c.held, bool(c.damage)) for c in checks] == [
+        (True, False), (True, True), (True, False), (False, False)]
+    assert "checksum mismatch" in checks[1].damage
+    assert not client.exists(name)
+    stats = tier.stats()
+    assert (stats.corrupt, stats.hits, stats.misses) == (1, 0, 0)
+
+
+def test_keys_of_a_dead_server_end_empty_and_count_the_failure(redis_server, codec):
+    tier = RedisTier(redis_server.url, codec)
+    tier.put(make_chunks(16, 16))
+    redis_server.kill()
+    assert list(tier.keys()) == []
+    assert tier.check([b"\0" * 16])[0].held is False
+    assert tier.stats().errors == 2 and not tier.stats().healthy
