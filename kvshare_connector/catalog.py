@@ -24,6 +24,7 @@ from kvshare.config import KVShareConfig
 from kvshare.matching.embedder import Embedder, make_embedder
 from kvshare.matching.matcher import LookupResult, Matcher
 from kvshare.storage.index import EntryIndex, IndexEntry
+from kvshare.tenancy import TenancyPolicy, TenantQuotas
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,15 @@ class LocalCatalog:
                                 ann_min_rows=config.ann_index_min_rows,
                                 flush_rows=config.index_flush_rows,
                                 max_entries=config.index_max_entries, auto_flush=False)
+        self.policy = TenancyPolicy.from_config(config, state_dir=self.index.path)
+        self.quotas = TenantQuotas.from_config(config, state_dir=self.index.path)
+        present = self.index.entries()
+        self.policy.retain(entry.entry_id for entry in present)
+        over_quota = [entry.entry_id for entry in self.quotas.rebuild(present)]
+        if over_quota:  # the quota was lowered since the index was written
+            logger.info("kvshare: dropping %d entries over their tenant's quota",
+                        len(over_quota))
+            self._delete(over_quota)
         self._matchers: dict[str, Matcher] = {}
         self._writes = ThreadPoolExecutor(1, thread_name_prefix="kvshare-index")
         self._flush_queued: Future | None = None
@@ -98,7 +108,7 @@ class LocalCatalog:
         matcher = self._matchers.get(model_id)
         if matcher is None:
             matcher = self._matchers[model_id] = Matcher.from_config(
-                self.config, self.index, self.embedder, model_id)
+                self.config, self.index, self.embedder, model_id, policy=self.policy)
         return matcher
 
     # ------------------------------------------------------------------ Catalog
@@ -109,16 +119,31 @@ class LocalCatalog:
     def commit(self, entries: Sequence[IndexEntry], kv_bytes_per_token: int) -> None:
         if not entries:
             return
-        evicted = self.index.add(list(entries))
+        evicted = {entry.entry_id for entry in self.index.add(list(entries))}
         if evicted:
             logger.info("kvshare: index at capacity, dropped %d least recently used entries",
                         len(evicted))
+            self.quotas.forget(evicted)
+            self.policy.forget(evicted)
+        # The same objects the index holds: record_hits updates them, and so the quotas' LRU.
+        over_quota = [entry.entry_id for entry in self.quotas.admit(
+            [entry for entry in entries if entry.entry_id not in evicted], kv_bytes_per_token)]
+        if over_quota:
+            logger.info("kvshare: dropping %d entries over their tenant's quota",
+                        len(over_quota))
+            self._delete(over_quota)
         self._queue_flush()
 
     def drop(self, entry_ids: Iterable[str]) -> None:
         ids = list(entry_ids)
-        if ids and self.index.delete(ids):
+        if ids and self._delete(ids):
             self._queue_flush()
+
+    def _delete(self, entry_ids: list[str]) -> int:
+        """Forget entries everywhere: the index, the quotas and the popularity counts."""
+        self.quotas.forget(entry_ids)
+        self.policy.forget(entry_ids)
+        return self.index.delete(entry_ids)
 
     def record_hits(self, entry_ids: Iterable[str]) -> None:
         self.index.record_hits(entry_ids)
@@ -129,6 +154,7 @@ class LocalCatalog:
     def close(self) -> None:
         self._writes.shutdown(wait=True)
         self.index.close()
+        self.policy.save()
 
     # ------------------------------------------------------------------ writes
     def _queue_flush(self) -> None:
@@ -140,6 +166,7 @@ class LocalCatalog:
     def _flush(self) -> None:
         try:
             self.index.flush()
+            self.policy.save()
             self._flushes += 1
             if self._flushes % COMPACT_EVERY_FLUSHES == 0:
                 self.index.compact()

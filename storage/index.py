@@ -58,7 +58,8 @@ Invariants:
   completed: a crash loses at most the queue, which costs a cache miss or brings back an
   entry whose chunks are gone (loads verify chunks and recompute), never a wrong answer;
 - entries are not mutated after ``add`` except through ``record_hits``;
-- search never returns an entry of another model or of a scope not asked for.
+- search never returns an entry of another model or of a scope not asked for (``None``
+  asks for every scope).
 """
 
 from __future__ import annotations
@@ -292,19 +293,25 @@ class EntryIndex:
         return evicted
 
     def search(
-        self, vector: np.ndarray, model_id: str, scopes: Iterable[str], k: int
+        self, vector: np.ndarray, model_id: str, scopes: Iterable[str] | None, k: int
     ) -> list[SearchHit]:
-        """The k nearest entries of ``model_id`` within ``scopes``, nearest first."""
+        """The k nearest entries of ``model_id`` within ``scopes`` (None: every scope),
+        nearest first."""
         vector = np.ascontiguousarray(vector, dtype=np.float32).reshape(-1)
         if vector.shape != (self.dim,):
             raise ValueError(f"query vector has shape {vector.shape}; expected ({self.dim},)")
         with self._lock:
             hits: list[tuple[float, int]] = []
-            for scope in dict.fromkeys(scopes):
-                partition = self._partitions.get((model_id, scope))
-                if partition is not None:
-                    sims, labels = partition.search(vector, k)
-                    hits.extend(zip(sims.tolist(), labels.tolist()))
+            if scopes is None:
+                partitions = [p for (model, _), p in self._partitions.items()
+                              if model == model_id]
+            else:
+                partitions = [self._partitions[(model_id, scope)]
+                              for scope in dict.fromkeys(scopes)
+                              if (model_id, scope) in self._partitions]
+            for partition in partitions:
+                sims, labels = partition.search(vector, k)
+                hits.extend(zip(sims.tolist(), labels.tolist()))
             hits.sort(key=lambda hit: -hit[0])
             return [
                 SearchHit(self._entries[self._id_of_label[label]], 1.0 - sim)
