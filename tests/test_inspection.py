@@ -1,12 +1,15 @@
-"""``kvshare inspect``: index views, and plans keyed and claimed as the connector does."""
+"""``kvshare inspect``: every view on a real cache (an embedded home and a real daemon),
+and plans keyed and claimed as the connector does."""
 
 from __future__ import annotations
 
 import json
 import re
+import socket
 
 import pytest
 import yaml
+from real_cache import INVOICE, INVOICE_EDITED, TRIP, open_real_cache
 
 from kvshare.cli import main
 from kvshare.config import KVShareConfig
@@ -73,7 +76,8 @@ def test_views_show_approximate_entries(setup, capsys, wordllama, tokenizer):
     rows = {row["depth"]: row for row in run_json(capsys, config_path, "list")}
     assert rows[1]["exact_tokens"] == 40 and rows[1]["num_tokens"] == 100
     assert main(["--config", str(config_path), "inspect", "list"]) == 0
-    assert "    40 exact  depth 1" in capsys.readouterr().out
+    cells = table_row(capsys.readouterr().out, rows[1]["entry_id"])
+    assert cells[1:6] == ["acme", "100", "40", "1", "0"]  # tenant tokens exact depth hits
 
 
 def test_plan_of_the_stored_prompt_claims_all_but_the_tail(setup, capsys):
@@ -180,4 +184,211 @@ def test_errors_name_the_missing_thing(setup, tmp_path):
     with pytest.raises(SystemExit, match="no-such-entry"):
         main(["--config", str(config_path), "inspect", "show", "no-such-entry"])
     with pytest.raises(SystemExit, match="no kvshare index at"):
+        main(["inspect", "--home", str(tmp_path / "nowhere"), "stats"])
+    with pytest.raises(SystemExit, match="a kvshare index lives in <home>/index"):
         main(["inspect", "--index-dir", str(tmp_path / "nowhere"), "stats"])
+
+
+def table_row(out: str, first_cell: str) -> list[str]:
+    """The cells of the rich table row that starts with ``first_cell``."""
+    for line in out.splitlines():
+        cells = [cell.strip() for cell in line.strip("│┃ ").split("│")]
+        if cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no row {first_cell!r} in:\n{out}")
+
+
+# ---------------------------------------------------------------- a real cache's views
+@pytest.fixture
+def real(tmp_path, wordllama, tokenizer):
+    """A home whose disk tier holds SmolLM2-layout chunks of four entries: acme's invoice
+    and its edit (sharing leading chunks), globex's invoice, a public trip. Flushed and
+    closed, as a stopped vLLM leaves it."""
+    cache = open_real_cache(tmp_path, wordllama)
+    ids = {text: tokenizer(text, add_special_tokens=False)["input_ids"]
+           for text in (INVOICE, INVOICE_EDITED, TRIP)}
+    entries = {
+        "acme": cache.add(INVOICE, ids[INVOICE], "acme", seed=1),
+        "acme_edit": cache.add(INVOICE_EDITED, ids[INVOICE_EDITED], "acme", seed=1),
+        "globex": cache.add(INVOICE, ids[INVOICE], "globex", seed=2),
+        "public": cache.add(TRIP, ids[TRIP], "", seed=3),
+    }
+    cache.close()
+    return cache, entries, ["--config", str(cache.config_path), "inspect"]
+
+
+def inspect_json(capsys, argv, *view) -> object:
+    assert main([*argv, "--json", *view]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def shared(entries) -> int:
+    return sum(a.key == b.key for a, b in zip(entries["acme"][1], entries["acme_edit"][1]))
+
+
+def distinct_chunks(entries, names=("acme", "acme_edit", "globex", "public")) -> int:
+    return len({c.key for name in names for c in entries[name][1]})
+
+
+def test_stats_list_show_on_a_real_home(real, capsys):
+    cache, entries, argv = real
+    stats = inspect_json(capsys, argv, "stats")
+    assert stats["entries"] == 4
+    acme = entries["acme"][0].num_tokens + entries["acme_edit"][0].num_tokens
+    assert stats["tenants"]["acme"]["tokens"] == acme
+    assert stats["tenants"]["acme"]["chunks"] == distinct_chunks(entries, ("acme", "acme_edit"))
+    assert stats["tenants"]["acme"]["chunks"] == (
+        len(entries["acme"][1]) + len(entries["acme_edit"][1]) - shared(entries))
+    assert set(stats["tenants"]) == {"", "acme", "globex"}
+    assert {key.rsplit("/", 1)[1] for key in stats["partitions"]} == {"<public>", "acme",
+                                                                       "globex"}
+    assert list(stats["tiers"]) == ["disk"]  # CPU tiers live inside serving processes
+    assert stats["tiers"]["disk"]["chunks"] == distinct_chunks(entries)
+    listing = inspect_json(capsys, argv, "list", "--scope", "acme")
+    assert {row["entry_id"] for row in listing} == {entries[n][0].entry_id
+                                                    for n in ("acme", "acme_edit")}
+    assert inspect_json(capsys, argv, "list", "--limit", "1")[0]["entry_id"] == (
+        entries["public"][0].entry_id)  # the most recently added
+    entry, chunks = entries["globex"]
+    shown = inspect_json(capsys, argv, "show", entry.entry_id)
+    assert shown["chunk_keys"] == [c.key.hex() for c in chunks]
+    assert shown["token_ids"] == entry.token_ids.tolist() and shown["scope"] == "globex"
+    # The tables name the same figures.
+    assert main([*argv, "stats"]) == 0
+    out = capsys.readouterr().out
+    assert table_row(out, "acme")[1:3] == ["2", str(acme)]
+    assert table_row(out, "disk")[1] == str(distinct_chunks(entries))
+
+
+def test_evict_and_purge_on_a_real_home(real, capsys):
+    cache, entries, argv = real
+    acme, acme_chunks = entries["acme"]
+    files = {name: [cache.chunk_file(c).exists() for c in entries[name][1]] for name in entries}
+    assert all(all(held) for held in files.values())
+    evicted = inspect_json(capsys, argv, "evict", acme.entry_id, "nope")
+    assert evicted["evicted"] == [acme.entry_id] and evicted["missing"] == ["nope"]
+    assert evicted["chunks_shared"] == shared(entries)
+    assert evicted["deleted_by_tier"] == {"disk": len(acme_chunks) - shared(entries)}
+    assert [cache.chunk_file(c).exists() for c in acme_chunks] == (
+        [True] * shared(entries) + [False] * (len(acme_chunks) - shared(entries)))
+    # The eviction is durable: a new inspect process no longer sees the entry.
+    assert acme.entry_id not in {r["entry_id"] for r in inspect_json(capsys, argv, "list")}
+    # purge asks first; without a terminal it needs --yes.
+    with pytest.raises(SystemExit, match="pass --yes"):
+        main([*argv, "purge", "--tenant", "acme"])
+    purged = inspect_json(capsys, argv, "purge", "--tenant", "acme", "--yes")
+    assert purged["evicted"] == [entries["acme_edit"][0].entry_id]
+    assert purged["chunks_deleted"] == len(entries["acme_edit"][1])
+    assert not any(cache.chunk_file(c).exists() for c in entries["acme_edit"][1])
+    assert all(cache.chunk_file(c).exists()
+               for name in ("globex", "public") for c in entries[name][1])
+    stats = inspect_json(capsys, argv, "stats")
+    assert set(stats["tenants"]) == {"", "globex"}
+    assert stats["tiers"]["disk"]["chunks"] == distinct_chunks(entries, ("globex", "public"))
+    assert main([*argv, "purge", "--tenant", "globex", "--yes"]) == 0
+    assert "tenant globex: evicted 1 entries" in capsys.readouterr().out
+
+
+def test_verify_on_a_real_home_removes_damage_and_what_depended_on_it(real, capsys):
+    cache, entries, argv = real
+    flipped = cache.chunk_file(entries["acme"][1][0])  # shared by both acme entries
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 3] ^= 0x04
+    flipped.write_bytes(bytes(data))
+    truncated = cache.chunk_file(entries["globex"][1][-1])
+    truncated.write_bytes(truncated.read_bytes()[:-1])
+    summary = inspect_json(capsys, argv, "verify", "--page-chunks", "2")
+    assert summary["total"] == distinct_chunks(entries) and summary["pages"] >= 2
+    assert sorted((d["tier"], d["key"]) for d in summary["damaged"]) == sorted(
+        [("disk", flipped.stem), ("disk", truncated.stem)])
+    assert sorted(summary["removed"]) == sorted(
+        entries[name][0].entry_id for name in ("acme", "acme_edit", "globex"))
+    assert not flipped.exists() and not truncated.exists()
+    assert all(cache.chunk_file(c).exists() for c in entries["public"][1])
+    assert [r["entry_id"] for r in inspect_json(capsys, argv, "list")] == [
+        entries["public"][0].entry_id]
+    # A clean scrub, as a table.
+    assert main([*argv, "verify"]) == 0
+    out = capsys.readouterr().out
+    n = len(entries["public"][1])
+    assert f"verified {n} of {n} chunks" in out and table_row(out, "disk")[1:3] == [str(n), "0"]
+    assert "entries removed (a chunk lost from every tier): 0" in out
+
+
+def test_writes_are_refused_while_a_daemon_serves_the_home(real, capsys):
+    cache, entries, argv = real
+    from kvshare.inspection import daemon_is_live
+
+    path = cache.config.home_dir / "daemon.sock"
+    assert not daemon_is_live(f"ipc://{path}")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    assert not daemon_is_live(f"ipc://{path}")  # a socket file nobody listens on: stale
+    listener.listen()
+    try:
+        assert daemon_is_live(f"ipc://{path}")
+        with pytest.raises(SystemExit, match=r"daemon is live at ipc://.*--daemon"):
+            main([*argv, "evict", entries["acme"][0].entry_id])
+        assert inspect_json(capsys, argv, "stats")["entries"] == 4  # reads still work
+    finally:
+        listener.close()
+
+
+def test_help_says_who_writes_the_index(capsys):
+    with pytest.raises(SystemExit):
+        main(["inspect", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "No lock guards the index: its writer is whichever process serves the home" in out
+    assert "refuses to write when a daemon answers" in out
+
+
+# ---------------------------------------------------------------- through a real daemon
+@pytest.fixture
+def daemon(real):
+    from kvshare.remote.server import Daemon
+
+    cache, entries, argv = real
+    import dataclasses
+
+    config = dataclasses.replace(cache.config, metrics_port=0)
+    running = Daemon(config)
+    running.start()
+    assert running.wait_reconciled(timeout=60)
+    yield running, cache, entries, ["--config", str(cache.config_path), "inspect", "--daemon",
+                                    config.daemon_endpoint]
+    running.close()
+
+
+def test_every_view_through_a_real_daemon(daemon, capsys, tokenizer):
+    running, cache, entries, argv = daemon
+    stats = inspect_json(capsys, argv, "stats")
+    assert stats["entries"] == 4 and list(stats["tiers"]) == ["cpu", "disk"]
+    assert stats["tenants"]["globex"] == inspect_json(
+        capsys, argv[:-2], "--home", str(cache.config.home_dir), "stats")["tenants"]["globex"]
+    globex = entries["globex"][0]
+    assert inspect_json(capsys, argv, "show", globex.entry_id)["token_ids"] == (
+        globex.token_ids.tolist())
+    assert len(inspect_json(capsys, argv, "list", "--scope", "acme")) == 2
+    plan = inspect_json(capsys, argv, "plan", INVOICE, "--tenant", "acme")
+    assert plan["planned_reuse_tokens"] == len(tokenizer(INVOICE, add_special_tokens=False)
+                                               ["input_ids"]) - 1
+    evicted = inspect_json(capsys, argv, "evict", entries["acme"][0].entry_id)
+    assert evicted["chunks_shared"] == shared(entries)
+    assert evicted["deleted_by_tier"]["disk"] == len(entries["acme"][1]) - shared(entries)
+    purged = inspect_json(capsys, argv, "purge", "--tenant", "acme", "--yes")
+    assert purged["evicted"] == [entries["acme_edit"][0].entry_id]
+    truncated = cache.chunk_file(entries["globex"][1][0])
+    truncated.write_bytes(truncated.read_bytes()[:-7])
+    summary = inspect_json(capsys, argv, "verify", "--page-chunks", "3")
+    assert [d["key"] for d in summary["damaged"]] == [truncated.stem]
+    assert summary["removed"] == [globex.entry_id]
+    assert [e.entry_id for e in running.catalog.index.entries()] == [
+        entries["public"][0].entry_id]
+    with pytest.raises(SystemExit, match="no entry 'nope'"):
+        main([*argv, "show", "nope"])
+
+
+def test_an_absent_daemon_is_named(tmp_path, capsys):
+    sock = tmp_path / "daemon.sock"
+    with pytest.raises(SystemExit, match=f"daemon at ipc://{sock} did not answer"):
+        main(["inspect", "--daemon", f"ipc://{sock}", "--timeout-ms", "200", "stats"])
