@@ -31,8 +31,12 @@ _COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
      "answer quality of kvshare vs naive reuse, CacheBlend, GPTCache, prefix caching"),
     (("bench", "ttft"), "kvshare.bench.ttft",
      "time to first token, vanilla vLLM vs kvshare, on long real similar prompts"),
+    (("bench", "daemon"), "kvshare.bench.daemon",
+     "the shared daemon: lookup + fetch latency remote vs embedded, throughput by clients"),
     (("bench", "gpu"), "kvshare.bench.gpu",
      "selective recompute on one GPU (Llama-3-8B shape): TTFT vs full prefill and floors"),
+    (("daemon",), "kvshare.daemon",
+     "the shared cache of one host (index and tiers) for connectors in remote mode"),
     (("inspect",), "kvshare.inspection", "look inside the cache: index entries, tiers, plans"),
 ]
 

@@ -151,7 +151,38 @@ class ChunkCodec:
     def decode(self, data: bytes | bytearray | memoryview) -> KVChunk:
         """Verify and decode one encoded chunk; raises ChunkCorruptError on any mismatch."""
         view = memoryview(data).cast("B")
-        header, codec, table, payload = _unpack_verified(view)
+        header_len = _header_len(view)
+        if len(view) < header_len:
+            raise ChunkCorruptError(
+                f"chunk is {len(view)} bytes, shorter than its {header_len}-byte header")
+        return self._decode_verified(*_unpack_verified(view[:header_len], view[header_len:]))
+
+    def decode_parts(self, head: bytes | memoryview, payload: bytes | bytearray | memoryview,
+                     ) -> KVChunk:
+        """Verify and decode a chunk whose header (``encode_parts``' first piece) and payload
+        arrived as separate buffers (a transport's frames), without joining them.
+
+        With the raw codec and a writable ``payload`` the chunk's tensor is a view of it
+        (no copy): the buffer must stay unmodified while the chunk is in use. The checksum
+        covers both pieces, so a damaged payload raises ``ChunkCorruptError`` like in
+        ``decode``.
+        """
+        head_view, payload_view = memoryview(head).cast("B"), memoryview(payload).cast("B")
+        header, codec, table, verified = _unpack_verified(head_view, payload_view)
+        if codec == "raw":
+            raw_size = header.num_tokens * header.layout.bytes_per_token()
+            if len(verified) != raw_size:
+                raise ChunkCorruptError(f"raw payload holds {len(verified)} bytes; the header's "
+                                        f"shape {header.shape} needs {raw_size}")
+            # num_tokens >= 1, so never empty; a read-only buffer (bytes) is copied once,
+            # since torch tensors are writable by type.
+            kv = torch.frombuffer(bytearray(verified) if verified.readonly else verified,
+                                  dtype=torch.uint8)
+            return KVChunk(header=header, kv=kv.view(header.layout.dtype).view(header.shape))
+        return self._decode_verified(header, codec, table, verified)
+
+    def _decode_verified(self, header: ChunkHeader, codec: str, table: np.ndarray,
+                         payload: memoryview) -> KVChunk:
         layout = header.layout
         raw_size = header.num_tokens * layout.bytes_per_token()
         out = torch.empty(raw_size, dtype=torch.uint8)
@@ -256,13 +287,26 @@ def _pack_header(header: ChunkHeader, compression: str, payload_len: int,
     return b"".join([fixed, model, token_bytes(header.token_ids), table.tobytes()])
 
 
-def _unpack_verified(view: memoryview) -> tuple[ChunkHeader, str, np.ndarray, memoryview]:
-    """Parse the header, check lengths and checksum; return header, codec, frames, payload."""
+def _header_len(view: memoryview) -> int:
+    """Bytes of the encoding before its payload, read from the fixed header's counts."""
     if len(view) < _FIXED.size:
         raise ChunkCorruptError(
             f"chunk is {len(view)} bytes, shorter than its {_FIXED.size}-byte header")
+    fields = _FIXED.unpack_from(view)
+    model_len, num_tokens, num_frames = fields[7], fields[8], fields[12]
+    return (_FIXED.size + model_len + 4 * num_tokens + _FRAME.itemsize * num_frames
+            + _CHECKSUM.size)
+
+
+def _unpack_verified(head: memoryview, payload: memoryview
+                     ) -> tuple[ChunkHeader, str, np.ndarray, memoryview]:
+    """Parse the header piece, check lengths and the checksum over header and payload;
+    return header, codec, frames, payload."""
+    if len(head) < _FIXED.size:
+        raise ChunkCorruptError(
+            f"chunk header is {len(head)} bytes, shorter than its {_FIXED.size}-byte fixed part")
     (magic, version, codec_code, dtype_code, layers, heads, head_dim, model_len, num_tokens,
-     start_pos, key, payload_len, num_frames) = _FIXED.unpack_from(view)
+     start_pos, key, payload_len, num_frames) = _FIXED.unpack_from(head)
     if magic != MAGIC:
         raise ChunkCorruptError(f"bad magic {bytes(magic)!r}; expected {MAGIC!r}")
     if version != FORMAT_VERSION:
@@ -273,13 +317,13 @@ def _unpack_verified(view: memoryview) -> tuple[ChunkHeader, str, np.ndarray, me
     table_at = tokens_at + 4 * num_tokens
     checksum_at = table_at + _FRAME.itemsize * num_frames
     payload_at = checksum_at + _CHECKSUM.size
-    if len(view) != payload_at + payload_len:
+    if len(head) != payload_at or len(payload) != payload_len:
         raise ChunkCorruptError(
-            f"chunk is {len(view)} bytes; its header says {payload_at + payload_len} "
-            f"({payload_at} header + {payload_len} payload)")
-    (expected,) = _CHECKSUM.unpack_from(view, checksum_at)
-    digest = xxhash.xxh3_64(view[:checksum_at])
-    digest.update(view[payload_at:])
+            f"chunk is {len(head) + len(payload)} bytes; its header says "
+            f"{payload_at + payload_len} ({payload_at} header + {payload_len} payload)")
+    (expected,) = _CHECKSUM.unpack_from(head, checksum_at)
+    digest = xxhash.xxh3_64(head[:checksum_at])
+    digest.update(payload)
     if digest.intdigest() != expected:
         raise ChunkCorruptError(f"checksum mismatch: stored {expected:#018x}, "
                                 f"computed {digest.intdigest():#018x}")
@@ -288,12 +332,12 @@ def _unpack_verified(view: memoryview) -> tuple[ChunkHeader, str, np.ndarray, me
                           dtype=DTYPES_BY_CODE[dtype_code])
         header = ChunkHeader(
             key=bytes(key),
-            model_id=bytes(view[_FIXED.size:tokens_at]).decode(),
+            model_id=bytes(head[_FIXED.size:tokens_at]).decode(),
             layout=layout,
             start_pos=start_pos,
-            token_ids=tuple(np.frombuffer(view[tokens_at:table_at], dtype="<u4").tolist()),
+            token_ids=tuple(np.frombuffer(head[tokens_at:table_at], dtype="<u4").tolist()),
         )
     except (ValueError, UnicodeDecodeError) as exc:  # checksummed, so a writer bug
         raise ChunkCorruptError(f"header fields are invalid: {exc}") from exc
-    table = np.frombuffer(view[table_at:checksum_at], dtype=_FRAME)
-    return header, _CODECS_BY_CODE[codec_code], table, view[payload_at:]
+    table = np.frombuffer(head[table_at:checksum_at], dtype=_FRAME)
+    return header, _CODECS_BY_CODE[codec_code], table, payload
