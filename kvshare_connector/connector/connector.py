@@ -22,10 +22,12 @@ from vllm.v1.core.sched.output import SchedulerOutput
 
 from kvshare.config import ConfigError, KVShareConfig
 from kvshare.connector.metadata import KVShareConnectorMetadata, KVShareWorkerMetadata
+from kvshare.connector.stats import KVShareConnectorStats, KVSharePromMetrics
 from kvshare.model_identity import local_model_dir, model_fingerprint
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import PromMetric, PromMetricT
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -139,6 +141,27 @@ class KVShareConnector(KVConnectorBase_V1):
 
     def build_connector_worker_meta(self) -> KVShareWorkerMetadata | None:
         return self._worker.build_connector_worker_meta()
+
+    def get_kv_connector_stats(self) -> KVShareConnectorStats | None:
+        """The worker's loads since vLLM last asked (after every step). vLLM asks the
+        scheduler half too, which records nothing."""
+        return self._worker.get_kv_connector_stats() if self._worker is not None else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None
+                                 ) -> KVShareConnectorStats:
+        """The stats rebuilt from their ``data`` by vLLM's stat loggers (frontend)."""
+        return KVShareConnectorStats(data=data or {})
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: VllmConfig,
+                           metric_types: dict[type[PromMetric], type[PromMetricT]],
+                           labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]
+                           ) -> KVSharePromMetrics:
+        """kvshare's counters on vLLM's ``/metrics`` (see :mod:`kvshare.connector.stats`)."""
+        return KVSharePromMetrics(vllm_config, metric_types, labelnames,
+                                  per_engine_labelvalues)
 
     def _metadata(self) -> KVShareConnectorMetadata:
         meta = self._get_connector_metadata()

@@ -49,6 +49,7 @@ from kvshare.connector.metadata import (
 )
 from kvshare.connector.paged_kv import PagedKV
 from kvshare.connector.save_queue import SaveJob, SaveQueue
+from kvshare.connector.stats import KVShareConnectorStats
 from kvshare.plugin import loaded_model
 from kvshare.recompute.engine import MassBudget, PromptKV, SelectiveRecomputeEngine
 from kvshare.recompute.rope import rerotate_keys
@@ -75,6 +76,8 @@ class KVShareWorker:
         self.layout: KVLayout | None = None
         self._out = KVShareWorkerMetadata()
         self._load_errors: set[int] = set()
+        self._stats = KVShareConnectorStats()
+        """Loads since vLLM last asked for them (``get_kv_connector_stats``, every step)."""
         self._budget = (MassBudget(config.rho_mass, config.rho_min, config.rho_max)
                         if config.rho_mass > 0 else None)
         """The adaptive DHD budget, for fills whose request does not fix its rho."""
@@ -172,13 +175,16 @@ class KVShareWorker:
                     logger.exception("kvshare: full recompute of %s failed; reporting its "
                                      "blocks as load errors", spec.req_id)
                     self._load_errors.update(self._claimed_blocks(spec))
+                    self._stats.record_failure()
                     continue
             self._out.missing_entries |= missing
-            self._out.loads.append(LoadReport(
+            report = LoadReport(
                 req_id=spec.req_id, claimed=spec.num_claimed, loaded=loaded,
                 recomputed=recomputed, fallback=fallback,
                 seconds=time.perf_counter() - started, load_seconds=load_seconds,
-                sources=len(spec.sources)))
+                sources=len(spec.sources))
+            self._out.loads.append(report)
+            self._stats.record(report)
 
     def _fill(self, spec: LoadSpec, rho: float, missing: set[str], load: bool = True,
               budget: MassBudget | None = None) -> tuple[int, int, float]:
@@ -258,6 +264,15 @@ class KVShareWorker:
     def _claimed_blocks(self, spec: LoadSpec) -> set[int]:
         bs = self.paged.block_size
         return set(spec.block_ids[spec.num_computed // bs:(spec.end - 1) // bs + 1])
+
+    def get_kv_connector_stats(self) -> KVShareConnectorStats | None:
+        """The loads since the last call, for vLLM's stat loggers; None when there were
+        none (vLLM counts any stats object as output). vLLM calls it after every step, on
+        the thread that runs ``start_load_kv``."""
+        if self._stats.is_empty():
+            return None
+        stats, self._stats = self._stats, KVShareConnectorStats()
+        return stats
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()

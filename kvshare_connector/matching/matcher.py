@@ -109,8 +109,11 @@ class Matcher:
         if self.policy.searches_every_scope:
             hits += self._popular_hits(embedding, token_ids, tenant,
                                        {hit.entry.entry_id for hit in hits})
+        # An entry in flight may have reached the index since the caller listed it.
+        found = {hit.entry.entry_id for hit in hits}
         hits += [SearchHit(entry, 1.0 - float(entry.embedding @ embedding)) for entry in extra
-                 if entry.model_id == self.model_id and self.policy.visible(entry, tenant)]
+                 if entry.model_id == self.model_id and entry.entry_id not in found
+                 and self.policy.visible(entry, tenant)]
         hits = sorted(hits, key=lambda hit: hit.distance)[: self.top_k]
         hits = sorted(hits, key=lambda hit: (hit.entry.depth, hit.distance))
         t2 = time.perf_counter()

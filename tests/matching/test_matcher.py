@@ -85,3 +85,13 @@ def test_chunk_planner_baseline_reuses_less_than_alignment(matcher, tokenizer):
     chunked = matcher.lookup(edited, tokens).plan
     assert 0 < chunked.reused_tokens < aligned.reused_tokens
     assert all(run.length <= 64 * 6 for run in chunked.runs)
+
+
+def test_an_in_flight_entry_that_reached_the_index_is_a_candidate_once(matcher, tokenizer):
+    """The connector lists entries in flight before its commit lands: the same entry may
+    then come from the index and from ``extra``."""
+    stored = matcher.insert(REPORT, ids(tokenizer, REPORT))
+    edited = REPORT.replace("Northwind Traders", "Contoso Ltd")
+    result = matcher.lookup(edited, ids(tokenizer, edited), extra=[stored])
+    assert [hit.entry.entry_id for hit in result.hits] == [stored.entry_id]
+    assert result.plan.source_entries == (stored.entry_id,)
