@@ -199,7 +199,10 @@ def daemon_is_live(endpoint: str) -> bool:
         family, target = socket.AF_UNIX, where
     else:
         host, _, port = where.rpartition(":")
-        family, target = socket.AF_INET, (host.strip("[]"), int(port))
+        host = host.strip("[]")
+        # A bind address (every interface) is reached through the loopback.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        target = ("127.0.0.1" if host in ("*", "0.0.0.0") else host, int(port))
     with closing(socket.socket(family, socket.SOCK_STREAM)) as probe:
         probe.settimeout(1.0)
         try:
