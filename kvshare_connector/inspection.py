@@ -152,8 +152,7 @@ def _admin(args: argparse.Namespace, config: KVShareConfig) -> Iterator[AdminCal
             f"a kvshare daemon is live at {config.daemon_endpoint} and owns this home's "
             f"index; run `kvshare inspect --daemon {config.daemon_endpoint} {args.view} ...`")
     catalog = LocalCatalog(config)
-    # CPU and GPU tiers live inside each serving process: empty here, so not opened.
-    store = build_store(dataclasses.replace(config, cpu_bytes=0, gpu_bytes=0))
+    store = build_store(config, serving=False)
     admin = CacheAdmin(catalog, store)
     try:
         yield lambda name, **kwargs: _local_call(admin, name, kwargs)

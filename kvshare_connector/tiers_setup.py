@@ -21,29 +21,34 @@ from kvshare.storage.tiered_store import ChunkStore, TieredStore
 logger = logging.getLogger(__name__)
 
 
-def build_store(config: KVShareConfig) -> TieredStore:
+def build_store(config: KVShareConfig, *, serving: bool = True) -> TieredStore:
     """Tiers fastest first: GPU, CPU, disk, Redis; a zero capacity or empty URL skips one.
 
     Disk and Redis each get the codec of their own ``disk_compression`` /
     ``redis_compression`` (empty: ``compression``): compression pays on slow links and
     for capacity, not on a local disk or a localhost Redis (see the config keys).
+
+    ``serving=False`` builds the view of a process that inspects a home beside the
+    process serving it (``kvshare inspect``): no GPU or CPU tier (they live inside the
+    serving process; here they would be empty) and a disk tier that never evicts at open
+    (a smaller ``disk_bytes`` in this config must not delete the server's chunks).
     """
     tiers: list[Tier] = []
-    if config.gpu_bytes:
+    if config.gpu_bytes and serving:
         if torch.cuda.is_available():
             tiers.append(MemoryTier.gpu(config.gpu_bytes))
         else:
             logger.warning("kvshare: gpu_bytes=%d but CUDA is not available; no GPU tier",
                            config.gpu_bytes)
-    if config.cpu_bytes:
+    if config.cpu_bytes and serving:
         tiers.append(MemoryTier.cpu(config.cpu_bytes))
     if config.disk_path is not None and config.disk_bytes:
         tiers.append(DiskTier(config.disk_path, config.disk_bytes,
-                              _codec(config, config.disk_compression)))
+                              _codec(config, config.disk_compression), evict_at_open=serving))
     if config.redis_url:
         tiers.append(RedisTier(config.redis_url, _codec(config, config.redis_compression),
                                ttl_s=config.redis_ttl_s))
-    if not tiers:
+    if not tiers and serving:
         logger.warning("kvshare: every storage tier is disabled; nothing will be reused")
     return TieredStore(tiers)
 

@@ -44,12 +44,16 @@ class DiskTier(Tier):
         root: directory of the chunk files, created if missing; one tier per directory.
         capacity_bytes: cap on the files' total size; least recently used files go first.
         codec: encodes the files (``build_store``: the config's ``disk_compression``).
+        evict_at_open: evict down to the cap right after the start-up scan. False leaves
+            the files of a larger cap in place until a put needs room (then the cap holds
+            again): for a process that only reads and deletes beside the directory's owner
+            (``kvshare inspect``), whose config must not shrink the owner's tier.
     """
 
     failures = (OSError,)
 
     def __init__(self, root: str | os.PathLike[str], capacity_bytes: int, codec: ChunkCodec,
-                 name: str = "disk") -> None:
+                 name: str = "disk", *, evict_at_open: bool = True) -> None:
         super().__init__(name, capacity_bytes)
         self.root = Path(root)
         self.capacity_bytes = capacity_bytes
@@ -57,6 +61,7 @@ class DiskTier(Tier):
         self._sizes: OrderedDict[ChunkKey, int] = OrderedDict()  # LRU first
         self._reserved = 0  # bytes of writes in flight, counted against the cap
         self._clock_ns = 0
+        self._evict_at_open = evict_at_open
         self.root.mkdir(parents=True, exist_ok=True)
         self._scan()
 
@@ -82,7 +87,8 @@ class DiskTier(Tier):
                 self._stats.bytes_used += size
                 self._clock_ns = max(self._clock_ns, mtime_ns)
             self._stats.chunks = len(self._sizes)
-            self._evict_to_fit(0)  # the cap may have shrunk since the last run
+            if self._evict_at_open:
+                self._evict_to_fit(0)  # the cap may have shrunk since the last run
         if found:
             logger.info("kvshare %s tier: %d chunks, %d bytes in %s", self.name,
                         len(found), self._stats.bytes_used, self.root)

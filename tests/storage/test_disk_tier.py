@@ -181,3 +181,15 @@ def test_check_reads_every_byte_and_drops_damaged_files(tmp_path, codec, damage)
     stats = tier.stats()
     assert (stats.corrupt, stats.chunks, stats.hits, stats.misses) == (1, 2, 0, 0)
     assert list(tier.keys()) == [k for k in order_before if k != chunks[2].key]  # LRU order kept
+
+
+def test_without_evict_at_open_a_smaller_cap_deletes_nothing_until_a_put(tmp_path, codec):
+    chunks = make_chunks(16 * 4, 16)
+    DiskTier(tmp_path, 1 << 20, codec).put(chunks[:3])
+    used = sum(p.stat().st_size for p in tmp_path.iterdir())
+    cap = used // 2
+    tier = DiskTier(tmp_path, cap, codec, evict_at_open=False)
+    assert tier.stats().chunks == 3 and tier.stats().bytes_used == used > cap
+    assert len(files(tmp_path, "*.kvc")) == 3
+    assert tier.put(chunks[3:]) == [True]  # room is made now: the cap holds again
+    assert tier.stats().bytes_used <= cap and tier.contains([chunks[3].key]) == [True]

@@ -92,3 +92,19 @@ def test_gpu_tier_comes_first_where_cuda_is_present(tmp_path):
     store = build_store(config)
     assert [t.name for t in store.tiers] == ["gpu", "cpu"]
     assert store.tiers[0].device.type == "cuda" and store.tiers[1].pin_memory
+
+
+def test_an_inspecting_process_opens_no_memory_tier_and_never_shrinks_the_disk(tmp_path):
+    serving = KVShareConfig(home=str(tmp_path), cpu_bytes=1 << 20, disk_bytes=1 << 22)
+    store = build_store(serving)
+    chunks = make_chunks(16 * 4, 16)
+    store.put(chunks)
+    on_disk = store.tiers[1].stats().bytes_used
+    store.close()
+    smaller = KVShareConfig(home=str(tmp_path), cpu_bytes=1 << 20, disk_bytes=on_disk // 2)
+    inspecting = build_store(smaller, serving=False)
+    assert [t.name for t in inspecting.tiers] == ["disk"]
+    assert inspecting.tiers[0].stats().bytes_used == on_disk > smaller.disk_bytes
+    assert all(inspecting.contains([c.key for c in chunks]))
+    # A serving process with that config does evict down to its cap.
+    assert build_store(smaller).tiers[1].stats().bytes_used <= smaller.disk_bytes
