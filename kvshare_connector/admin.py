@@ -50,7 +50,10 @@ class CacheAdmin:
         Per tenant (``""`` is the public scope): ``entries``, ``tokens`` (prompt tokens of
         its entries), ``chunks`` (distinct chunk keys its entries reference), ``stored_tokens``
         (tokens those chunks cover: shared prefixes count once), ``hits`` (reuses of its
-        entries). Per tier: :meth:`TierStats.to_dict`.
+        entries), ``kv_bytes`` (what its quota charges: its entries' tokens times their
+        model's KV bytes per token, shared prefixes once per entry; 0 until a commit of the
+        model has named its rate). ``tenant_quota_bytes`` is the quota (0: none). Per tier:
+        :meth:`TierStats.to_dict`.
         """
         entries = self.catalog.index.entries()
         chunk_tokens = self.catalog.config.chunk_tokens
@@ -71,11 +74,14 @@ class CacheAdmin:
             depth["entries"] += 1
             depth["tokens"] += entry.num_tokens
             depth["exact_tokens"] += entry.exact_prefix
+        kv_bytes = self.catalog.quotas.usage()
         for scope, covered in tenant_chunks.items():
             tenants[scope]["chunks"] = len(covered)
             tenants[scope]["stored_tokens"] = sum(covered.values())
+            tenants[scope]["kv_bytes"] = kv_bytes.get(scope, 0)
         return {
             **self.catalog.index.stats(),
+            "tenant_quota_bytes": self.catalog.quotas.quota_bytes,
             "tenants": {scope: tenants[scope] for scope in sorted(tenants)},
             "by_depth": {str(depth): row for depth, row in sorted(by_depth.items())},
             "tiers": {name: stats.to_dict() for name, stats in self.store.stats().items()},

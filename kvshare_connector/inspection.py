@@ -344,11 +344,12 @@ def _print_stats(data: dict) -> None:
     console = _console()
     console.print(f"{data['entries']} entries, {data['tokens']} prompt tokens "
                   f"(index {data['path']}, {data['pending_writes']} writes pending)")
-    console.print(_table("tenants", ["tenant", "entries", "tokens", "chunks", "stored tokens",
-                                     "hits"],
-                         [[_scope_name(scope), t["entries"], t["tokens"], t["chunks"],
-                           t["stored_tokens"], t["hits"]]
-                          for scope, t in data["tenants"].items()]))
+    quota = data["tenant_quota_bytes"]
+    console.print(_table(
+        f"tenants (quota: {_size(quota) if quota else 'none'})",
+        ["tenant", "entries", "tokens", "chunks", "stored tokens", "KV bytes", "hits"],
+        [[_scope_name(scope), t["entries"], t["tokens"], t["chunks"], t["stored_tokens"],
+          _size(t["kv_bytes"]), t["hits"]] for scope, t in data["tenants"].items()]))
     console.print(_table("approximation depth", ["depth", "entries", "tokens", "exact tokens"],
                          [[depth, d["entries"], d["tokens"], d["exact_tokens"]]
                           for depth, d in data["by_depth"].items()]))

@@ -16,7 +16,7 @@ from kvshare.model_assets import SMOLLM2_ALIAS, resolve_model_dir
 from kvshare.model_identity import model_fingerprint
 from kvshare.storage.chunk import KVChunk, KVLayout, split_prompt_kv
 from kvshare.storage.disk_tier import DiskTier
-from kvshare.storage.index import IndexEntry
+from kvshare.storage.index import IndexEntry, new_entry_id
 from kvshare.storage.memory_tier import MemoryTier
 from kvshare.storage.tiered_store import TieredStore
 from kvshare.tiers_setup import build_store
@@ -42,14 +42,17 @@ class RealCache:
 
     def add(self, text: str, token_ids: list[int], tenant: str,
             seed: int = 0) -> tuple[IndexEntry, list[KVChunk]]:
-        """Store a prompt's chunks (random bf16 KV of SmolLM2's layout) and index it."""
+        """Store a prompt's chunks (random bf16 KV of SmolLM2's layout) and commit its
+        entry, as the connector does."""
         gen = torch.Generator().manual_seed(seed)
         kv = torch.randn(SMOLLM2_LAYOUT.shape(len(token_ids)), generator=gen).to(torch.bfloat16)
         chunks = [KVChunk(c.header, c.kv.contiguous()) for c in split_prompt_kv(
             self.model_id, kv, token_ids, CHUNK_TOKENS, scope=tenant)]
         assert all(self.store.put(chunks))
-        entry = self.catalog.matcher(self.model_id).insert(
-            text, token_ids, tenant, chunk_keys=[c.key.hex() for c in chunks])
+        entry = IndexEntry(new_entry_id(), self.model_id, tenant,
+                           self.catalog.embedder.embed([text])[0], token_ids, text,
+                           chunk_keys=[c.key.hex() for c in chunks])
+        self.catalog.commit([entry], SMOLLM2_LAYOUT.bytes_per_token())
         return entry, chunks
 
     def disk(self) -> DiskTier:

@@ -9,6 +9,7 @@ from real_cache import (
     CHUNK_TOKENS,
     INVOICE,
     INVOICE_EDITED,
+    SMOLLM2_LAYOUT,
     TRIP,
     open_real_cache,
     reopen_without_memory,
@@ -52,7 +53,9 @@ def test_stats_count_per_tenant_depth_and_tier(cache):
     acme_chunks = len(entries["acme"][1]) + len(entries["acme_edit"][1]) - shared
     assert stats["tenants"]["acme"] == {
         "entries": 2, "tokens": acme_tokens, "hits": 0, "chunks": acme_chunks,
-        "stored_tokens": acme_tokens - shared * CHUNK_TOKENS}
+        "stored_tokens": acme_tokens - shared * CHUNK_TOKENS,
+        "kv_bytes": acme_tokens * SMOLLM2_LAYOUT.bytes_per_token()}
+    assert stats["tenant_quota_bytes"] == 0
     assert stats["tenants"][""]["entries"] == stats["tenants"]["globex"]["entries"] == 1
     assert stats["entries"] == 4
     assert stats["by_depth"]["0"]["entries"] == 4

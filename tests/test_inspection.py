@@ -257,6 +257,8 @@ def test_stats_list_show_on_a_real_home(real, capsys):
     assert main([*argv, "stats"]) == 0
     out = capsys.readouterr().out
     assert table_row(out, "acme")[1:3] == ["2", str(acme)]
+    assert stats["tenants"]["acme"]["kv_bytes"] == acme * 23040  # SmolLM2: B per token
+    assert table_row(out, "acme")[5] == f"{acme * 23040 / 2**20:.1f} MiB"
     assert table_row(out, "disk")[1] == str(distinct_chunks(entries))
 
 
