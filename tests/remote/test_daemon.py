@@ -197,3 +197,26 @@ def test_chunks_survive_as_views_of_their_frames(daemon, config):
     (got,) = store.get([chunk.key])
     store.close()
     assert_same_chunk(got, chunk)
+
+
+def test_lookups_and_load_reports_reach_the_metrics(tmp_path):
+    import urllib.request
+
+    from kvshare.storage.redis_server import free_port
+
+    port = free_port()
+    config = daemon_config(tmp_path / "home", metrics_port=port)
+    served = Daemon(config)
+    served.start()
+    try:
+        catalog = RemoteCatalog.connect(config)
+        catalog.lookup(MODEL, "nothing indexed yet", list(range(50)), "")
+        catalog.report_load(LoadOutcome("acme", claimed=100, reused=80, recomputed=20,
+                                        fallback=False))
+        catalog.close()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+            text = page.read().decode()
+        assert 'kvshare_lookups_total{outcome="miss",tenant="public"} 1.0' in text
+        assert 'kvshare_reused_tokens_total{tenant="acme"} 80.0' in text
+    finally:
+        served.close()
