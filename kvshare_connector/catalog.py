@@ -80,8 +80,12 @@ class LocalCatalog:
     guards its mirror with its own lock).
     """
 
-    def __init__(self, config: KVShareConfig, embedder: Embedder | None = None) -> None:
+    def __init__(self, config: KVShareConfig, embedder: Embedder | None = None, *,
+                 read_only: bool = False) -> None:
+        """``read_only`` (``kvshare inspect``'s read views beside a live writer): never
+        write the index directory, not even the flush an open may find due."""
         self.config = config
+        self.read_only = read_only
         self.embedder = embedder or make_embedder(config.embedder, config.embed_max_chars,
                                                   cache_dir=config.home_dir / "wordllama")
         self.index = EntryIndex(config.index_dir, self.embedder.dim,
@@ -93,7 +97,7 @@ class LocalCatalog:
         present = self.index.entries()
         self.policy.retain(entry.entry_id for entry in present)
         over_quota = [entry.entry_id for entry in self.quotas.rebuild(present)]
-        if over_quota:  # the quota was lowered since the index was written
+        if over_quota and not read_only:  # the quota was lowered since the index was written
             logger.info("kvshare: dropping %d entries over their tenant's quota",
                         len(over_quota))
             self._delete(over_quota)
@@ -101,7 +105,7 @@ class LocalCatalog:
         self._writes = ThreadPoolExecutor(1, thread_name_prefix="kvshare-index")
         self._flush_queued: Future | None = None
         self._flushes = 0
-        if self.index.needs_flush:  # e.g. a large partition to index after opening
+        if self.index.needs_flush and not read_only:  # e.g. a large partition to index
             self._queue_flush()
 
     def matcher(self, model_id: str) -> Matcher:
@@ -159,6 +163,8 @@ class LocalCatalog:
     # ------------------------------------------------------------------ writes
     def _queue_flush(self) -> None:
         """One LanceDB flush at a time, off the caller's thread; compaction now and then."""
+        if self.read_only:
+            return
         if self._flush_queued is not None and not self._flush_queued.done():
             return
         self._flush_queued = self._writes.submit(self._flush)

@@ -151,7 +151,7 @@ def _admin(args: argparse.Namespace, config: KVShareConfig) -> Iterator[AdminCal
         raise SystemExit(
             f"a kvshare daemon is live at {config.daemon_endpoint} and owns this home's "
             f"index; run `kvshare inspect --daemon {config.daemon_endpoint} {args.view} ...`")
-    catalog = LocalCatalog(config)
+    catalog = LocalCatalog(config, read_only=not writes)
     store = build_store(config, serving=False)
     admin = CacheAdmin(catalog, store)
     try:

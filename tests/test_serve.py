@@ -16,20 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from serving import STOP_DEADLINE_S, Server, free_port, start_server
 
 from kvshare import serve
 from kvshare.cli import main
@@ -38,9 +31,6 @@ from kvshare.model_assets import SMOLLM2_ALIAS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 README_MARKER = "<!-- kvshare serve command: tests/test_serve.py starts exactly this -->"
-START_DEADLINE_S = 900.0
-"""vLLM start (model load, compilation), /health and the warm-up, on 2 busy CPU cores."""
-STOP_DEADLINE_S = 2 * (serve.SHUTDOWN_TIMEOUT_S + serve.STOP_MARGIN_S)
 TEST_ONLY_ARGS = ["--host", "127.0.0.1", "--enforce-eager"]
 """Added to the README's command; see the module docstring."""
 
@@ -131,73 +121,16 @@ def readme_serve_command() -> list[str]:
     return shlex.split(body)
 
 
-@dataclass
-class Server:
-    process: subprocess.Popen
-    base_url: str
-    home: Path
-    """``KVSHARE_HOME`` of the server: its index is ``home / "index"``."""
-    log: Path
-
-    def post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
-        request = urllib.request.Request(self.base_url + path, data=json.dumps(payload).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=300) as response:
-            return json.loads(response.read())
-
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.base_url + "/health", timeout=5) as response:
-                return response.status == 200
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def vllm_group(self) -> int:
-        line = next(line for line in self.output().splitlines() if "process group" in line)
-        return int(line.rsplit("process group ", 1)[1].rstrip(")"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from kvshare.model_assets import resolve_model_dir
-
     command = readme_serve_command()
     assert command[:2] == ["kvshare", "serve"] and "--port" in command, command
-    port = free_port()
     args = list(command[1:])  # after "kvshare"
-    args[args.index("--port") + 1] = str(port)
-    args += TEST_ONLY_ARGS
-    home = tmp_path_factory.mktemp("serve-home")
-    (home / "models").mkdir()
-    (home / "models" / SMOLLM2_ALIAS).symlink_to(resolve_model_dir(SMOLLM2_ALIAS))
-    env = {**os.environ, "KVSHARE_HOME": str(home)}
-    env.pop(CONFIG_ENV, None)
-    log = home / "serve.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(["nice", "-n", "10", sys.executable, "-m", "kvshare.cli",
-                                    *args], stdout=out, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True)
-    running = Server(process, f"http://127.0.0.1:{port}", home, log)
-    deadline = time.monotonic() + START_DEADLINE_S
-    # Healthy is not enough: "ready" comes after the warm-up, whose requests would
-    # otherwise share the engine with the test's.
-    while not ("kvshare serve: ready on" in running.output() and running.healthy()):
-        assert process.poll() is None, f"kvshare serve exited:\n{running.output()[-4000:]}"
-        assert time.monotonic() < deadline, f"not ready in time:\n{running.output()[-4000:]}"
-        time.sleep(1.0)
+    args[args.index("--port") + 1] = str(free_port())
+    running = start_server(args + TEST_ONLY_ARGS, tmp_path_factory.mktemp("serve-home"))
+    running.wait_ready()
     yield running
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=STOP_DEADLINE_S)
+    running.stop()
 
 
 def chat(server: Server, content: str, tenant: str) -> dict[str, Any]:

@@ -210,6 +210,8 @@ class KVShareScheduler:
         self._lookups = ThreadPoolExecutor(1, thread_name_prefix="kvshare-lookup")
         self._hits = ThreadPoolExecutor(1, thread_name_prefix="kvshare-hits")
         """Hit counts and load reports to the catalog (a daemon call is a round trip)."""
+        self._catalog_down = False
+        """The latest catalog write found the daemon unreachable (written by ``_hits``)."""
 
     # ------------------------------------------------------------------ claims
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int
@@ -489,23 +491,29 @@ class KVShareScheduler:
     # ------------------------------------------------------------------ catalog calls
     def _commit_entries(self, entries: list[IndexEntry]) -> None:
         try:
-            self.catalog.commit(entries, self._kv_bytes_per_token)
-        except Exception:
-            logger.exception("kvshare: indexing %d entries failed; they will not be reused",
-                             len(entries))
+            self._quietly(self.catalog.commit, entries, self._kv_bytes_per_token)
         finally:
             with self._committing_lock:
                 for entry in entries:
                     self._committing.pop(entry.entry_id, None)
 
-    @staticmethod
-    def _quietly(call: Callable[..., object], *args: object) -> None:
+    def _quietly(self, call: Callable[..., object], *args: object) -> None:
         """Catalog writes run on a background thread; a failure loses a hit count, an
-        entry or a report, never a request."""
+        entry or a report, never a request. An unreachable daemon is one log line per
+        outage, not one traceback per call."""
         try:
             call(*args)
+        except ConnectionError as exc:  # the daemon's DaemonUnavailable
+            if not self._catalog_down:
+                self._catalog_down = True
+                logger.warning("kvshare: %s; catalog writes are dropped until it answers", exc)
+            return
         except Exception:
             logger.exception("kvshare: %s failed", getattr(call, "__name__", call))
+            return
+        if self._catalog_down:
+            self._catalog_down = False
+            logger.info("kvshare: the catalog answers again")
 
     def wait_for_catalog(self) -> None:
         """Return once every catalog call queued so far has run (FIFO, one thread)."""

@@ -49,6 +49,10 @@ from kvshare.storage.tier import TierStats
 
 logger = logging.getLogger(__name__)
 
+PUT_FLOOR_BYTES_PER_S = 20e6
+"""A put may take ``daemon_timeout_ms`` plus its bytes at this rate (a daemon writing
+through a compressing disk tier on a busy host) before it counts as failed."""
+
 
 class DaemonUnavailable(ConnectionError):
     """The daemon did not answer in time: down, not started yet, hung, or (TCP) refusing
@@ -219,7 +223,11 @@ class RemoteStore:
         if not chunks:
             return []
         heads, payloads = wire.chunk_parts(chunks)
-        stored = self._call(wire.Put(heads), payloads)
+        nbytes = sum(payload.nbytes for payload in payloads)
+        # Puts come from the write-behind thread, never a request's path: a large prompt
+        # on a busy daemon may take longer than a lookup is allowed to.
+        stored = self._call(wire.Put(heads), payloads, timeout_ms=self.client.timeout_ms
+                            + int(nbytes * 1e3 / PUT_FLOOR_BYTES_PER_S))
         return [False] * len(chunks) if stored is None else stored[0]
 
     def get(self, keys: Sequence[ChunkKey]) -> list[KVChunk | None]:
@@ -264,11 +272,11 @@ class RemoteStore:
                            "reading a miss", exc)
             return None
 
-    def _call(self, call: wire.Call, payloads: Sequence[memoryview] = ()
-              ) -> tuple[Any, list[zmq.Frame]] | None:
+    def _call(self, call: wire.Call, payloads: Sequence[memoryview] = (),
+              timeout_ms: int | None = None) -> tuple[Any, list[zmq.Frame]] | None:
         """The call's answer, or None (logged once per outage) when it failed."""
         try:
-            answer = self.client.call(call, payloads)
+            answer = self.client.call(call, payloads, timeout_ms)
         except (DaemonUnavailable, DaemonCallError) as exc:
             with self._health_lock:
                 was_healthy, self._healthy = self._healthy, False
