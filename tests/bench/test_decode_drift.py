@@ -111,7 +111,7 @@ def test_full_compute_against_itself_has_no_drift(model, prefilled, pair):
     assert forced.logits[-len(continuation) - 1:-1].argmax(-1).tolist() == continuation
 
 
-def test_measure_pair_reports_every_step_and_correction(model, config, pair):
+def test_measure_pair_reports_every_step_and_correction(model, config, pair, tmp_path):
     drift = D.measure_pair(model, config, pair, STEPS, score_layers=(1,))
     assert drift is not None and drift.steps == STEPS
     assert len(drift.kl) == STEPS + 1 and min(drift.kl) >= 0.0
@@ -131,6 +131,8 @@ def test_measure_pair_reports_every_step_and_correction(model, config, pair):
     report = D.markdown_report({**results, "seed": 0})
     assert report.count("\n| ") >= model.adapter.num_layers
     assert "decode_attention@mean" in report
+    D.plot({**results, "seed": 0}, tmp_path / "drift.png")
+    assert (tmp_path / "drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_rank_helpers():
