@@ -184,6 +184,28 @@ class KVShareConfig:
     """Keep approximate (edited) KV out of vLLM's exact-prefix cache: the connector then
     requires ``--no-enable-prefix-caching`` (see docs/connector.md)."""
 
+    # --- shadow checks and the quality gate ---------------------------------------------
+    shadow_sample_rate: float = 0.0
+    """Share of claimed requests whose fill is also compared with full compute in the
+    background (a shadow check, on the prompt's last 32 positions); 0 checks none, which
+    leaves the gate open. Off by default until the dense full compute's non-finite logits
+    on some engines are explained (see connector/shadow.py)."""
+    shadow_min_top1: float = 0.75
+    """A check passes when at least this share of the compared positions' most likely next
+    token is full compute's ..."""
+    shadow_max_kl: float = 0.1
+    """... and the mean KL(full compute || fill) of their next-token distributions is at
+    most this, in nats."""
+    gate_window: int = 20
+    """A model's or scope's quality score: the share of passing checks among its last this
+    many."""
+    gate_floor: float = 0.5
+    """Claims of a model or scope stop while its score is below this; 0 never stops them."""
+    gate_min_checks: int = 3
+    """Checks a window must hold before its score can stop claims."""
+    gate_reopen_checks: int = 3
+    """Consecutive passing checks (of the claims it withholds) that reopen a stopped gate."""
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -280,6 +302,17 @@ class KVShareConfig:
                  self.check_layers, "a list of layer indices >= 0")
         _require(self.redis_url == "" or self.redis_url.startswith(("redis://", "unix://")),
                  "redis_url", self.redis_url, "empty or a redis:// or unix:// URL")
+        _require(0.0 <= self.shadow_sample_rate <= 1.0, "shadow_sample_rate",
+                 self.shadow_sample_rate, "in [0, 1]")
+        _require(0.0 <= self.shadow_min_top1 <= 1.0, "shadow_min_top1", self.shadow_min_top1,
+                 "in [0, 1]")
+        _require(self.shadow_max_kl >= 0.0, "shadow_max_kl", self.shadow_max_kl, ">= 0")
+        _require(self.gate_window >= 1, "gate_window", self.gate_window, ">= 1")
+        _require(0.0 <= self.gate_floor <= 1.0, "gate_floor", self.gate_floor, "in [0, 1]")
+        _require(1 <= self.gate_min_checks <= self.gate_window, "gate_min_checks",
+                 self.gate_min_checks, f"in [1, gate_window ({self.gate_window})]")
+        _require(self.gate_reopen_checks >= 1, "gate_reopen_checks", self.gate_reopen_checks,
+                 ">= 1")
 
     # ------------------------------------------------------------------------------
     @classmethod

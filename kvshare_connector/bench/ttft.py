@@ -16,6 +16,10 @@ less, a *miss* when it claimed nothing. Reported: median speedup (vanilla TTFT /
 TTFT) over hits, partial hits and all requests, median slowdown (kvshare / vanilla) over
 misses, the median reused share, and the requests whose fill fell back to full
 recompute.
+
+``--shadow-overhead`` runs the kvshare engine a second time with shadow checks off
+(``shadow_sample_rate=0``) and reports what the checks at the config's rate (default 1%
+of claimed requests) add to kvshare's mean TTFT.
 """
 
 from __future__ import annotations
@@ -64,6 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: 0.85)")
     parser.add_argument("--rho", type=float, default=None,
                         help="kvshare DHD recompute share (default: the config's rho)")
+    parser.add_argument("--shadow-overhead", action="store_true",
+                        help="also run kvshare with shadow checks off and report the mean "
+                             "TTFT the checks at the config's shadow_sample_rate add (a "
+                             "third engine run)")
     parser.add_argument("--compiled", action="store_true",
                         help="run both engines in vLLM's default compiled mode (torch.compile) "
                              "instead of enforce_eager; engines start more slowly")
@@ -96,10 +104,15 @@ class Timing:
     """The part of ``fill_s`` spent fetching chunks and re-rotating keys."""
     recomputed: int = 0
     sources: int = 0
+    shadow: bool = False
+    """kvshare shadow-checked this request's fill."""
+    unchecked_s: float | None = None
+    """kvshare TTFT with shadow checks off (``--shadow-overhead`` only)."""
 
 
-def timing(req_id: str, prompt_tokens: int, vanilla, kvshare) -> Timing:
-    """The ``Timing`` of one request from its two engines' results."""
+def timing(req_id: str, prompt_tokens: int, vanilla, kvshare, unchecked=None) -> Timing:
+    """The ``Timing`` of one request from its engines' results (``unchecked``: kvshare
+    with shadow checks off, if it ran)."""
     reuse = RequestReuse.of(prompt_tokens, kvshare.num_cached_tokens, kvshare.kvshare)
     report = kvshare.kvshare or {}
     return Timing(req_id, prompt_tokens, vanilla.ttft_s, kvshare.ttft_s,
@@ -108,7 +121,9 @@ def timing(req_id: str, prompt_tokens: int, vanilla, kvshare) -> Timing:
                   vanilla_prefix_hit=vanilla.num_cached_tokens,
                   fill_s=float(report.get("seconds", 0.0)),
                   load_s=float(report.get("load_seconds", 0.0)),
-                  recomputed=reuse.recomputed, sources=int(report.get("sources", 0)))
+                  recomputed=reuse.recomputed, sources=int(report.get("sources", 0)),
+                  shadow=bool(report.get("shadow", False)),
+                  unchecked_s=unchecked.ttft_s if unchecked is not None else None)
 
 
 def summarize(timings: list[Timing], hit_found: float) -> dict:
@@ -139,11 +154,24 @@ def summarize(timings: list[Timing], hit_found: float) -> dict:
         "kvshare_fill_median_hits_s": median(t.fill_s for t in hits),
         "kvshare_load_median_hits_s": median(t.load_s for t in hits),
         "fallbacks": {"vanilla": 0, "kvshare": sum(t.fallback for t in timings)},
+        "shadow_checks": sum(t.shadow for t in timings),
+        **shadow_overhead(timings),
         "hit_found": hit_found,
         "requests": len(timings),
         "mean_prompt_tokens": (sum(t.prompt_tokens for t in timings) / len(timings)
                                if timings else 0.0),
     }
+
+
+def shadow_overhead(timings: list[Timing]) -> dict:
+    """Mean kvshare TTFT with shadow checks on and off, and the relative overhead; empty
+    without a run with checks off."""
+    if not timings or any(t.unchecked_s is None for t in timings):
+        return {}
+    checked = statistics.fmean(t.kvshare_s for t in timings)
+    unchecked = statistics.fmean(t.unchecked_s for t in timings)
+    return {"kvshare_ttft_mean_s": checked, "kvshare_unchecked_ttft_mean_s": unchecked,
+            "shadow_ttft_overhead": checked / unchecked - 1.0}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -236,11 +264,24 @@ def measure(prompts: list[list[int]], args: argparse.Namespace, base
                 EngineSpec("kvshare", connector=config, **spec_kwargs), requests)}
         except EngineUnavailable as exc:
             raise RuntimeError(f"connector not available: {exc}") from exc
+    unchecked = {}
+    if args.shadow_overhead:
+        with tempfile.TemporaryDirectory(prefix="kvshare-ttft-") as home:
+            off = {**config, "home": home, "shadow_sample_rate": 0.0}
+            try:
+                unchecked = {r.req_id: r for r in run_engine(
+                    EngineSpec("kvshare-unchecked", connector=off, **spec_kwargs), requests)}
+            except EngineUnavailable as exc:
+                raise RuntimeError(f"connector not available: {exc}") from exc
     engines = {"vanilla": {"enforce_eager": not args.compiled, "config": None},
                "kvshare": {"enforce_eager": not args.compiled,
                            "config": {**config, "home": "(temporary)"}}}
-    return [timing(f"r{i}", len(ids), vanilla[f"r{i}"], shared[f"r{i}"])
-            for i, ids in enumerate(prompts)], engines
+    if args.shadow_overhead:
+        engines["kvshare-unchecked"] = {"enforce_eager": not args.compiled,
+                                        "config": {**config, "home": "(temporary)",
+                                                   "shadow_sample_rate": 0.0}}
+    return [timing(f"r{i}", len(ids), vanilla[f"r{i}"], shared[f"r{i}"],
+                   unchecked.get(f"r{i}")) for i, ids in enumerate(prompts)], engines
 
 
 def markdown_table(summary: dict) -> str:
@@ -278,5 +319,10 @@ def markdown_table(summary: dict) -> str:
         f"{ms(summary['kvshare_load_median_hits_s'])})",
         (f"**fallbacks**: {fallbacks} of {summary['requests']} kvshare requests fell back to "
          "full recompute (selective fill failed)" if fallbacks else "fallbacks: none"),
+        f"shadow checks: {summary.get('shadow_checks', 0)} requests"
+        + (f"; mean kvshare TTFT {ms(summary['kvshare_ttft_mean_s'])} with them, "
+           f"{ms(summary['kvshare_unchecked_ttft_mean_s'])} with checks off: "
+           f"{summary['shadow_ttft_overhead']:+.1%}"
+           if "shadow_ttft_overhead" in summary else ""),
         "",
     ])

@@ -86,6 +86,50 @@ class SaveSpec:
 
 
 @dataclass
+class ShadowSpec:
+    """Check one request's fill against full compute, in the background (a shadow check).
+
+    ``fill`` is the fill the request got (or would have got, had the quality gate not
+    withheld its claim), without blocks: the check computes densely and never touches
+    vLLM's paged cache.
+    """
+
+    fill: LoadSpec
+    """The claim's load plan; its ``block_ids`` are empty."""
+    scope: str
+    """The request's sharing scope (its tenant): the gate keeps a score per scope."""
+    withheld: bool = False
+    """The gate withheld this claim; vLLM computed the request in full."""
+
+
+SHADOW_OUTCOMES = ("done", "dropped", "error")
+"""``done``: compared; ``dropped``: the checker was busy; ``error``: the check raised."""
+
+
+@dataclass
+class ShadowResult:
+    """How a shadow check's fill compared with full compute on the prompt's last positions.
+
+    The worker answers every :class:`ShadowSpec` with one result, also when it drops or
+    fails the check (then only ``outcome`` is meaningful).
+    """
+
+    req_id: str
+    scope: str
+    withheld: bool
+    outcome: str
+    """One of ``SHADOW_OUTCOMES``."""
+    top1: float = 0.0
+    """Share of the compared positions whose most likely next token is full compute's."""
+    kl: float = 0.0
+    """Mean KL(full compute || fill) of the next-token distributions, in nats."""
+    positions: int = 0
+    """Prompt positions compared (the last ones, computed after the claim as vLLM does)."""
+    seconds: float = 0.0
+    """Wall time of the check (full compute, fill and comparison), pauses included."""
+
+
+@dataclass
 class KVShareConnectorMetadata(KVConnectorMetadata):
     """Scheduler -> worker, one per engine step."""
 
@@ -97,6 +141,9 @@ class KVShareConnectorMetadata(KVConnectorMetadata):
     held_for_save: set[str] = field(default_factory=set)
     """Requests that finished with their save unanswered: vLLM keeps their blocks, and
     the engine stepping, until the worker names them in ``get_finished``."""
+    shadows: list[ShadowSpec] = field(default_factory=list)
+    """Fills to check against full compute in the background (sampled, or withheld by
+    the quality gate)."""
 
 
 @dataclass
@@ -147,6 +194,8 @@ class KVShareWorkerMetadata(KVConnectorWorkerMetadata):
     loads: list[LoadReport] = field(default_factory=list)
     missing_entries: set[str] = field(default_factory=set)
     """Entries some of whose chunks the tiers no longer hold (found by a load)."""
+    shadows: list[ShadowResult] = field(default_factory=list)
+    """Shadow checks answered since the last step."""
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, KVShareWorkerMetadata)
@@ -155,4 +204,5 @@ class KVShareWorkerMetadata(KVConnectorWorkerMetadata):
             not_stored=self.not_stored | other.not_stored,
             loads=self.loads + other.loads,
             missing_entries=self.missing_entries | other.missing_entries,
+            shadows=self.shadows + other.shadows,
         )

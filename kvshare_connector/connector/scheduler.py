@@ -48,7 +48,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -65,7 +65,16 @@ from kvshare.connector.metadata import (
     LoadSpec,
     Run,
     SaveSpec,
+    ShadowResult,
+    ShadowSpec,
     SourceEntry,
+)
+from kvshare.connector.quality_gate import (
+    GateSettings,
+    QualityGate,
+    sampled,
+    scores_path,
+    write_scores,
 )
 from kvshare.matching.claim import Claim, claimed_runs, decide_claim, kv_origin, tail_start
 from kvshare.matching.matcher import PUBLIC_SCOPE, LookupResult
@@ -83,6 +92,9 @@ PROMPT_TOKENS_ARG = "kvshare_prompt_tokens"
 """``SamplingParams.extra_args`` key for teacher-forced evaluation: prompt positions from
 this one on are a forced continuation. Only the leading ones are looked up, planned and
 claimed, and the request is never stored."""
+STORE_ARG = "kvshare_store"
+"""``SamplingParams.extra_args`` key (``vllm_xargs`` over HTTP): 0 or false keeps the
+request's prompt out of the cache; it still reuses what the cache holds."""
 
 LOOKUP_TIMEOUT_S = 5.0
 """A lookup still running after this long is given up: the request is computed by vLLM."""
@@ -90,9 +102,23 @@ LATE_REPORT_STEPS = 2
 """Output updates a finished request's report may arrive after ``request_finished``."""
 
 
+def gate_settings(config: KVShareConfig) -> GateSettings:
+    """The quality gate's settings from the config's ``shadow_*`` and ``gate_*`` keys."""
+    return GateSettings(min_top1=config.shadow_min_top1, max_kl=config.shadow_max_kl,
+                        window=config.gate_window, floor=config.gate_floor,
+                        min_checks=config.gate_min_checks,
+                        reopen_checks=config.gate_reopen_checks)
+
+
 def tenant_of(request: Request, default_tenant: str = PUBLIC_SCOPE) -> str:
     """vLLM's ``cache_salt`` names the tenant; unsalted requests belong to the default."""
     return request.cache_salt or default_tenant
+
+
+def stores(request: Request) -> bool:
+    """Whether the request lets kvshare store its prompt (``STORE_ARG``)."""
+    extra = request.sampling_params.extra_args if request.sampling_params else None
+    return str((extra or {}).get(STORE_ARG, 1)).lower() not in ("0", "false", "no")
 
 
 def prompt_tokens_of(request: Request) -> int:
@@ -169,6 +195,12 @@ class _RequestState:
     """LoadSpecs sent whose report has not come back."""
     report: LoadReport | None = None
     save_sent: bool = False
+    withheld: bool = False
+    """The quality gate was closed for this request's scope: its claim was withheld."""
+    shadow: bool = False
+    """A shadow check of this request's fill (or withheld claim) was sent."""
+    source_depth: int = 0
+    """Deepest approximation depth among the entries the claim reads."""
 
 
 @dataclass
@@ -212,6 +244,14 @@ class KVShareScheduler:
         """Hit counts and load reports to the catalog (a daemon call is a round trip)."""
         self._catalog_down = False
         """The latest catalog write found the daemon unreachable (written by ``_hits``)."""
+        self.gate = QualityGate(gate_settings(config))
+        self._shadows_due: list[ShadowSpec] = []
+        """Checks of withheld claims, sent with the next step's metadata."""
+        self._withheld_checks: dict[str, str] = {}
+        """Scope -> the request whose withheld claim is being checked (one per scope)."""
+        self.quality_counts: Counter[str] = Counter()
+        """Shadow checks by outcome (``done``, ``dropped``, ``error``), ``failed`` checks,
+        gate ``closures`` and ``reopenings``, since the last :meth:`take_quality_counts`."""
 
     # ------------------------------------------------------------------ claims
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int
@@ -224,6 +264,10 @@ class KVShareScheduler:
             state.claim = (decide_claim(state.result.plan, num_computed_tokens, self.config)
                            if state.result is not None
                            else Claim(num_computed_tokens, num_computed_tokens, 0))
+            state.withheld = state.claim.num_claimed > 0 and not self.gate.is_open(state.tenant)
+            if state.withheld:
+                self._check_withheld(state)
+                state.claim = Claim(num_computed_tokens, num_computed_tokens, 0)
             state.origin = self._origin(state, num_computed_tokens)
             return state.claim.num_claimed
         except Exception:
@@ -241,6 +285,16 @@ class KVShareScheduler:
                 request, tenant_of(request, self.config.default_tenant),
                 prompt_tokens_of(request))
         return state
+
+    def _check_withheld(self, state: _RequestState) -> None:
+        """Shadow-check the claim the gate withholds (``state.claim``), unless a withheld
+        claim of the same scope is being checked: passing checks reopen the gate."""
+        if state.shadow or state.tenant in self._withheld_checks:
+            return
+        self._withheld_checks[state.tenant] = state.request.request_id
+        self._shadows_due.append(ShadowSpec(self._load_spec(state, []), state.tenant,
+                                            withheld=True))
+        state.shadow = True
 
     def _lookup_ready(self, state: _RequestState) -> bool:
         """Whether the request's lookup is final: ``state.result`` is then the lookup, or
@@ -327,6 +381,8 @@ class KVShareScheduler:
         meta.discarded_saves = self._last_saves & preempted
         self._last_saves = {spec.req_id for spec in meta.saves}
         meta.held_for_save, self._held = self._held, set()
+        meta.shadows += self._shadows_due
+        self._shadows_due = []
         return meta
 
     def delays_free(self, req_id: str) -> bool:
@@ -343,7 +399,11 @@ class KVShareScheduler:
             self._mark_approximate(state)
         if state.load_due:
             state.load_due = False
-            meta.loads.append(self._load_spec(state))
+            meta.loads.append(self._load_spec(state, state.block_ids))
+            if not state.shadow and sampled(state.request.request_id,
+                                            self.config.shadow_sample_rate):
+                meta.shadows.append(ShadowSpec(self._load_spec(state, []), state.tenant))
+                state.shadow = True
             state.loads_out += 1
             self._hits.submit(self._quietly, self.catalog.record_hits,
                               state.result.plan.source_entries)
@@ -356,7 +416,8 @@ class KVShareScheduler:
         self.approximate_blocks.mark(list(state.request.block_hashes[first:]),
                                      state.origin.depth)
 
-    def _load_spec(self, state: _RequestState) -> LoadSpec:
+    def _load_spec(self, state: _RequestState, block_ids: list[int]) -> LoadSpec:
+        """The fill of ``state.claim`` into ``block_ids`` (none for a shadow check)."""
         request, claim, result = state.request, state.claim, state.result
         runs = [Run(run.dst_start, run.entry_id, run.src_start, run.length)
                 for run in claimed_runs(result.plan, claim)]
@@ -366,11 +427,12 @@ class KVShareScheduler:
                                       list(entries[run.entry_id].chunk_keys))
             for run in runs
         }
+        state.source_depth = max((entries[entry_id].depth for entry_id in sources), default=0)
         extra = request.sampling_params.extra_args if request.sampling_params else None
         rho = float((extra or {}).get(RHO_ARG, self.config.rho))
         adaptive = self.config.rho_mass > 0 and RHO_ARG not in (extra or {})
         return LoadSpec(req_id=request.request_id, token_ids=list(request.prompt_token_ids),
-                        block_ids=state.block_ids, num_computed=claim.start,
+                        block_ids=block_ids, num_computed=claim.start,
                         num_claimed=claim.num_claimed, runs=runs, sources=sources, rho=rho,
                         adaptive=adaptive,
                         tail_start=max(claim.start, min(claim.end, tail_start(
@@ -398,7 +460,7 @@ class KVShareScheduler:
         """The entry a finished prefill becomes, or None when it is not worth storing."""
         prompt = list(state.request.prompt_token_ids)
         result, origin = state.result, state.origin
-        if (state.gave_up or result is None or origin is None
+        if (state.gave_up or result is None or origin is None or not stores(state.request)
                 or state.prompt_tokens < len(prompt) or len(prompt) < self.config.min_store_tokens
                 or origin.depth > self.config.max_approx_depth):
             return None
@@ -423,6 +485,12 @@ class KVShareScheduler:
             self._commit(worker_meta)
             for report in worker_meta.loads:
                 self._take_report(report)
+            if worker_meta.shadows:
+                for result in worker_meta.shadows:
+                    self._take_shadow(result)
+                self._hits.submit(self._quietly, write_scores,
+                                  scores_path(self.config.home_dir, self.model_id),
+                                  self.gate.snapshot(self.model_id))
         for req_id, (update, _) in list(self._late_reports.items()):
             if self._updates - update >= LATE_REPORT_STEPS:
                 del self._late_reports[req_id]
@@ -463,6 +531,38 @@ class KVShareScheduler:
         if late is not None:
             late[1].update(report.as_dict())
 
+    def _take_shadow(self, result: ShadowResult) -> None:
+        """Score one answered shadow check; open or close the gate as it says."""
+        if self._withheld_checks.get(result.scope) == result.req_id:
+            del self._withheld_checks[result.scope]
+        self.quality_counts[result.outcome] += 1
+        if result.outcome != "done":
+            return
+        passed = self.gate.settings.passes(result.top1, result.kl)
+        self.quality_counts["failed"] += not passed
+        logger.info("kvshare: shadow check of %s (scope %r%s): top-1 agreement %.2f, KL %.4f "
+                    "nats over %d positions, %s, %.2f s", result.req_id, result.scope,
+                    ", claim withheld" if result.withheld else "", result.top1, result.kl,
+                    result.positions, "passed" if passed else "FAILED", result.seconds)
+        settings = self.gate.settings
+        for change in self.gate.record(result.scope, result.top1, result.kl):
+            domain = "every scope" if change.scope is None else f"scope {change.scope!r}"
+            if change.opened:
+                self.quality_counts["reopenings"] += 1
+                logger.warning("kvshare: quality gate reopened for %s after %d passing shadow "
+                               "checks; claiming again", domain, settings.reopen_checks)
+            else:
+                self.quality_counts["closures"] += 1
+                logger.warning(
+                    "kvshare: quality gate closed for %s: %.0f%% of its last shadow checks "
+                    "passed (floor %.0f%%); not claiming until %d checks in a row pass",
+                    domain, 100 * change.score, 100 * settings.floor, settings.reopen_checks)
+
+    def take_quality_counts(self) -> Counter[str]:
+        """The shadow-check and gate counts since the last call (for connector stats)."""
+        counts, self.quality_counts = self.quality_counts, Counter()
+        return counts
+
     def request_finished(self, request: Request) -> dict[str, Any] | None:
         """Forget the request; return its load report as ``kv_transfer_params["kvshare"]``.
 
@@ -478,10 +578,16 @@ class KVShareScheduler:
             state.lookup.cancel()
         if state.origin is not None and state.origin.depth > 0:
             self._mark_approximate(state)  # its output blocks are approximate too
+        if state.withheld:  # says why this request was not reused
+            return {"kvshare": {"claimed": 0, "loaded": 0, "recomputed": 0, "reused": 0,
+                                "fallback": False, "sources": 0, "depth": state.origin.depth,
+                                "source_depth": 0, "gate": "closed", "shadow": state.shadow}}
         if state.report is None and not state.loads_out:
             return None
         # The approximation depth of the request's KV: 0 exact, else 1 + its deepest source.
-        report: dict[str, Any] = {"depth": state.origin.depth}
+        report: dict[str, Any] = {"depth": state.origin.depth,
+                                  "source_depth": state.source_depth, "gate": "open",
+                                  "shadow": state.shadow}
         if state.loads_out:
             self._late_reports[request.request_id] = (self._updates, report)
         else:

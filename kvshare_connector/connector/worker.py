@@ -46,14 +46,23 @@ from kvshare.connector.metadata import (
     LoadReport,
     LoadSpec,
     SaveSpec,
+    ShadowSpec,
 )
 from kvshare.connector.paged_kv import PagedKV
 from kvshare.connector.save_queue import SaveJob, SaveQueue
+from kvshare.connector.shadow import (
+    COMPARED_POSITIONS,
+    Pause,
+    ShadowChecker,
+    compare_next_tokens,
+    forward_positions,
+)
 from kvshare.connector.stats import KVShareConnectorStats
 from kvshare.plugin import loaded_model
+from kvshare.recompute.adapter import ModelAdapter
 from kvshare.recompute.engine import MassBudget, PromptKV, SelectiveRecomputeEngine
 from kvshare.recompute.rope import rerotate_keys
-from kvshare.recompute.vllm_adapter import VLLMDecoderAdapter
+from kvshare.recompute.vllm_adapter import DenseVLLMDecoderAdapter, VLLMDecoderAdapter
 from kvshare.storage.chunk import KVLayout
 from kvshare.storage.commit import entries_missing_chunks, fetch_entry_chunks
 from kvshare.storage.index import stored_chunk_keys
@@ -93,6 +102,10 @@ class KVShareWorker:
         self._reconciled: set[str] = set()
         """Entries found without their chunks at start-up, not reported yet."""
         self._reconciled_lock = threading.Lock()
+        self.shadow: ShadowChecker | None = None
+        """Shadow checks of sampled fills (:mod:`kvshare.connector.shadow`), from
+        ``register_kv_caches`` on."""
+        self._dense: DenseVLLMDecoderAdapter | None = None
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         model = loaded_model()
@@ -101,6 +114,8 @@ class KVShareWorker:
         self.adapter = VLLMDecoderAdapter(model, self.paged)
         self.layout = KVLayout(self.adapter.num_layers, self.adapter.num_kv_heads,
                                self.adapter.head_dim, self.adapter.dtype)
+        self.shadow = ShadowChecker(self._shadow_check, num_threads=torch.get_num_threads())
+        self._dense = DenseVLLMDecoderAdapter(model, guard=self.shadow.model_turn)
         if self.config.mode == "embedded":  # the daemon checks its own index at start-up
             threading.Thread(target=self._reconcile, name="kvshare-reconcile",
                              daemon=True).start()
@@ -121,6 +136,8 @@ class KVShareWorker:
     # ------------------------------------------------------------------ step
     def begin_step(self, meta: KVShareConnectorMetadata) -> None:
         """Before vLLM writes any block this step: finish the previous step's copies."""
+        if self.shadow is not None:
+            self.shadow.step_started()
         self._held |= meta.held_for_save
         copies, self._copies = self._copies, {}
         for req_id, (spec, copy) in copies.items():
@@ -185,11 +202,13 @@ class KVShareWorker:
                 sources=len(spec.sources))
             self._out.loads.append(report)
             self._stats.record(report)
+        for shadow in meta.shadows:
+            self.shadow.submit(shadow)
 
     def _fill(self, spec: LoadSpec, rho: float, missing: set[str], load: bool = True,
               budget: MassBudget | None = None) -> tuple[int, int, float]:
-        """Write K/V for positions ``[num_computed, end)``, recomputing ``rho`` of the reused
-        tokens (or what ``budget`` decides).
+        """Write K/V for positions ``[num_computed, end)`` into the request's blocks,
+        recomputing ``rho`` of the reused tokens (or what ``budget`` decides).
 
         Returns the claimed tokens loaded, the tokens recomputed, and the seconds spent
         loading (fetch + re-rotation). Adds to ``missing`` the sources some of whose
@@ -197,32 +216,66 @@ class KVShareWorker:
         adapter, paged = self.adapter, self.paged
         start, end = spec.num_computed, spec.end
         # Rows below ``start`` (vLLM's exact prefix hit) stay in the blocks, where the
-        # adapter's attention reads them; the engine never tracks them.
-        # Rows past the claim are the tail vLLM computes; they serve only as probes. No row
-        # is read before it is loaded or computed (rows below ``start`` never are), so the
-        # buffers need no zeroing (measured: 4% of a fill).
-        probes = self.config.select_by != "deviation"
-        kv = PromptKV.empty(adapter, len(spec.token_ids) if probes else end, zeroed=False)
-        pending = torch.ones(end, dtype=torch.bool)
-        pending[:start] = False
-        load_started = time.perf_counter()
-        if load:
-            self._load_runs(spec, kv, pending, missing)
-        load_seconds = time.perf_counter() - load_started
-        loaded = spec.num_claimed - int(pending.sum())
-        pending[spec.tail_start:] = True
+        # adapter's attention reads them; the engine never tracks them. No row is read
+        # before it is loaded or computed (rows below ``start`` never are), so the buffers
+        # need no zeroing (measured: 4% of a fill).
+        kv = PromptKV.empty(adapter, len(spec.token_ids) if self._probes else end,
+                            zeroed=False)
         adapter.bind(spec.block_ids, write_from=start)
-        engine = SelectiveRecomputeEngine(adapter, rho=rho, check_layers=self.config.check_layers,
-                                          select_by=self.config.select_by, budget=budget)
-        result = engine.prefill(spec.token_ids[:kv.num_tokens], kv, pending.nonzero().flatten(),
-                                exact_prefix=start, logits=False,
-                                probe_from=end if probes else None)
+        filled = self._selective_fill(spec, adapter, kv, rho, missing, load, budget)
         # Layers whose attention the engine skipped (the last one, or all after the
         # tracked set ran empty) still need their rows in the blocks.
         slots = paged.slots(spec.block_ids, start, end)
         for layer in sorted(set(range(adapter.num_layers)) - adapter.written_layers):
             paged.write(layer, kv.keys[layer, start:end], kv.values[layer, start:end], slots)
+        return filled
+
+    @property
+    def _probes(self) -> bool:
+        """Whether the fill ranks by the tail's queries (the tail's rows are probes)."""
+        return self.config.select_by != "deviation"
+
+    def _selective_fill(self, spec: LoadSpec, adapter: ModelAdapter, kv: PromptKV, rho: float,
+                        missing: set[str], load: bool = True, budget: MassBudget | None = None,
+                        before_layer: Pause | None = None) -> tuple[int, int, float]:
+        """Load, re-rotate and selectively recompute positions ``[num_computed, end)`` of
+        ``kv`` through ``adapter``: the fill itself, shared by the paged fill and shadow
+        checks. ``kv`` has at least ``end`` rows; with probes, the whole prompt's. Returns
+        what :meth:`_fill` returns."""
+        start, end = spec.num_computed, spec.end
+        # Rows past the claim are the tail vLLM computes; they serve only as probes.
+        rows = kv if self._probes else PromptKV(kv.keys[:, :end], kv.values[:, :end])
+        pending = torch.ones(end, dtype=torch.bool)
+        pending[:start] = False
+        load_started = time.perf_counter()
+        if load:
+            self._load_runs(spec, rows, pending, missing)
+        load_seconds = time.perf_counter() - load_started
+        loaded = spec.num_claimed - int(pending.sum())
+        pending[spec.tail_start:] = True
+        engine = SelectiveRecomputeEngine(adapter, rho=rho, check_layers=self.config.check_layers,
+                                          select_by=self.config.select_by, budget=budget)
+        result = engine.prefill(spec.token_ids[:rows.num_tokens], rows,
+                                pending.nonzero().flatten(), exact_prefix=start, logits=False,
+                                before_layer=before_layer,
+                                probe_from=end if self._probes else None)
         return loaded, int(result.tracked.numel()), load_seconds
+
+    def _shadow_check(self, spec: ShadowSpec, pause: Pause) -> tuple[float, float, int]:
+        """Full compute vs this fill, densely (see :mod:`kvshare.connector.shadow`); runs
+        on the checker's thread."""
+        fill, adapter = spec.fill, self._dense
+        start, end, num_tokens = fill.num_computed, fill.end, len(fill.token_ids)
+        compared = min(COMPARED_POSITIONS, num_tokens - end)
+        reference = PromptKV.empty(adapter, num_tokens, zeroed=False)
+        full_logits = forward_positions(adapter, fill.token_ids, reference, 0, compared, pause)
+        kv = PromptKV.empty(adapter, num_tokens, zeroed=False)
+        kv.keys[:, :start] = reference.keys[:, :start]  # vLLM's exact prefix hit
+        kv.values[:, :start] = reference.values[:, :start]
+        self._selective_fill(fill, adapter, kv, fill.rho, set(),
+                             budget=self._budget if fill.adaptive else None, before_layer=pause)
+        fill_logits = forward_positions(adapter, fill.token_ids, kv, end, compared, pause)
+        return (*compare_next_tokens(full_logits, fill_logits), compared)
 
     def _load_runs(self, spec: LoadSpec, kv: PromptKV, pending: torch.Tensor,
                    missing: set[str]) -> None:
@@ -298,9 +351,15 @@ class KVShareWorker:
             self._out.missing_entries |= self._reconciled
             self._reconciled = set()
         out, self._out = self._out, KVShareWorkerMetadata()
-        return out if (out.stored or out.not_stored or out.loads or out.missing_entries) else None
+        if self.shadow is not None:
+            out.shadows = self.shadow.take_results()
+            self.shadow.step_ended()  # vLLM's last connector call of a step
+        return out if (out.stored or out.not_stored or out.loads or out.missing_entries
+                       or out.shadows) else None
 
     def shutdown(self) -> None:
+        if self.shadow is not None:
+            self.shadow.close()
         self._copier.shutdown(wait=True)
         self.saves.close()
         self.store.close()
