@@ -33,6 +33,11 @@ _COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
      "time to first token, vanilla vLLM vs kvshare, on long real similar prompts"),
     (("bench", "daemon"), "kvshare.bench.daemon",
      "the shared daemon: lookup + fetch latency remote vs embedded, throughput by clients"),
+    (("bench", "decode-drift"), "kvshare.bench.decode_drift",
+     "attention on reused tokens at prefill vs decode, per layer and step; simulated "
+     "decode-time corrections"),
+    (("bench", "cross-instance"), "kvshare.bench.cross_instance",
+     "two vLLM servers on one daemon: TTFT of hits on the other server's KV vs local hits"),
     (("bench", "gpu"), "kvshare.bench.gpu",
      "selective recompute on one GPU (Llama-3-8B shape): TTFT vs full prefill and floors"),
     (("daemon",), "kvshare.daemon",

@@ -39,10 +39,11 @@ class Engine:
         """Greedy completions of several prompts submitted together (one batch)."""
         from vllm import SamplingParams
 
+        extra_args = {**params.pop("extra_args", {}),
+                      **({"kvshare_rho": rho} if rho is not None else {})}
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0,
                                 ignore_eos=params.pop("ignore_eos", True),
-                                extra_args={"kvshare_rho": rho} if rho is not None else None,
-                                **params)
+                                extra_args=extra_args or None, **params)
         batch = [{"prompt_token_ids": list(ids), "cache_salt": tenant} for ids in prompts]
         return self.llm.generate(batch, params, use_tqdm=False)
 

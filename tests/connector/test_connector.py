@@ -160,3 +160,15 @@ def test_an_adaptive_budget_sets_the_recompute_unless_the_request_fixes_rho(
     assert adaptive > 2 * fixed
     assert abs(overridden - fixed) <= 2  # the same rule on a same-sized edit
 
+
+
+def test_a_request_may_reuse_without_being_stored(engine, report_tokens):
+    base = report_tokens[50:50 + SPLIT]
+    tenant = "no-store"
+    engine.run(base, tenant)
+    engine.settle()
+    edited = base[:120] + report_tokens[800:803] + base[123:]
+    kept_out = engine.run(edited, tenant, extra_args={"kvshare_store": 0})
+    engine.settle()
+    assert report(kept_out)["reused"] > 0
+    assert [e.token_ids.tolist() for e in engine.entries(tenant)] == [base]

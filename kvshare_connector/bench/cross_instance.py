@@ -1,0 +1,286 @@
+"""``kvshare bench cross-instance``: is a hit from another vLLM instance as fast as a local one?
+
+Starts a ``kvshare daemon`` (fresh home) and two vLLM servers (``kvshare serve``, eager
+mode) whose connectors run in ``mode: remote`` on it, as users run them. Then replays the
+long prompts of the ShareGPT similar stream (as ``kvshare bench ttft`` picks them), in
+arrival order, twice, one request at a time, interleaved prompt by prompt:
+
+* **local**: every prompt to server A in tenant ``local``: a hit reads entries that A
+  itself stored;
+* **cross**: prompt i to server A when i is even, to B when it is odd, in tenant
+  ``cross``: a hit mostly reads entries that the *other* server stored (the previous
+  prompt of the stream is the other server's; older sources may be either's).
+
+After each request the benchmark waits until its entry reaches the daemon's index (up to
+``COMMIT_WAIT_S``): an instance sees its own prompts at once (in flight), another only
+once the chunks are written and the entry committed; that lag is reported apart
+(``median_commit_lag_s``). Both conditions share the daemon, the history of earlier
+prompts and the prompt itself; only which instance stored the source differs. TTFT is
+vLLM's own measurement (the increase of ``vllm:time_to_first_token_seconds_sum`` on the
+serving instance across the request, which runs alone). A request is a hit when kvshare
+claimed it and loaded at least ``--hit-found`` of the prompt. Reported: the median TTFT
+of hits in each condition, their ratio (``cross_vs_local_ttft_ratio``, target <= 1.2)
+and the median of per-prompt ratios over prompts that hit in both conditions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kvshare.bench.engine_config import add_config_arguments
+from kvshare.bench.workload import add_prompt_length_arguments, check_prompt_lengths
+
+MAX_TOKENS = 2
+"""The load report reaches the response only when the request outlives its load step."""
+START_DEADLINE_S = 900.0
+TTFT_METRIC = "vllm:time_to_first_token_seconds_sum"
+COMMIT_WAIT_S = 5.0
+"""After each request, wait up to this long for its entry to reach the daemon's index."""
+SERVED_MODEL = "smollm2-135m-instruct"
+"""The name ``kvshare serve`` gives the SmolLM2 alias in vLLM's API."""
+
+EPILOG = """\
+local: every prompt on server A (hits read A's own entries)
+cross: prompts alternate between A and B (hits read the other server's entries)
+hit:   kvshare claimed the request and loaded >= --hit-found of the prompt
+
+example: kvshare bench cross-instance --requests 30 --json results/cross_instance.json
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    parser.add_argument("--requests", type=int, default=30, metavar="N",
+                        help="replay the first N long similar-stream prompts in each condition "
+                             "(default: 30, about 8 min on 2 CPU cores)")
+    add_prompt_length_arguments(parser, 1000, 2048)
+    parser.add_argument("--hit-found", type=float, default=0.5,
+                        help="share of the prompt kvshare must load for a hit (default: 0.5)")
+    add_config_arguments(parser)
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON")
+
+
+@dataclass
+class Served:
+    """One request of one condition."""
+
+    prompt: int
+    condition: str
+    server: str
+    prompt_tokens: int
+    ttft_s: float
+    loaded: int
+    reused: int
+    claimed: int
+    commit_lag_s: float | None
+    """Seconds from the response to its entry in the daemon's index (what another
+    instance waits before it can reuse the prompt); None if it was not indexed."""
+
+    def hit(self, hit_found: float) -> bool:
+        return self.claimed > 0 and self.loaded >= hit_found * self.prompt_tokens
+
+
+class Server:
+    """A ``kvshare serve`` subprocess and what the benchmark asks of it."""
+
+    def __init__(self, name: str, port: int, args: list[str], log: Path) -> None:
+        self.name = name
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        with log.open("w") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "kvshare.cli", "serve", *args, "--port", str(port)],
+                stdout=out, stderr=subprocess.STDOUT, env=_environment(),
+                start_new_session=True)
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_DEADLINE_S
+        while "kvshare serve: ready on" not in self.log.read_text(errors="replace"):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                tail = self.log.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"server {self.name} did not start:\n{tail}")
+            time.sleep(1.0)  # polling a condition with a deadline
+
+    def ttft_sum(self) -> float:
+        with urllib.request.urlopen(self.url + "/metrics", timeout=60) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith(TTFT_METRIC):
+                    return float(line.rsplit(" ", 1)[1])
+        raise RuntimeError(f"server {self.name} exports no {TTFT_METRIC}")
+
+    def complete(self, token_ids: list[int], tenant: str) -> dict[str, Any]:
+        body = json.dumps({"model": SERVED_MODEL, "prompt": token_ids,
+                           "max_tokens": MAX_TOKENS, "temperature": 0.0,
+                           "cache_salt": tenant}).encode()
+        request = urllib.request.Request(self.url + "/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return json.loads(response.read())
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=120)
+
+
+def _environment() -> dict[str, str]:
+    """No ``KVSHARE_<KEY>`` variable: the servers' config is what this benchmark passes."""
+    return {name: value for name, value in os.environ.items()
+            if not name.startswith("KVSHARE_") or name == "KVSHARE_HOME"}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def indexed_entries(client) -> int:
+    return int(client.stats().index["entries"])
+
+
+def serve_one(server: Server, client, prompt: int, condition: str,
+              token_ids: list[int]) -> Served:
+    """One request, then until its entry is indexed (or ``COMMIT_WAIT_S`` passed: some
+    prompts are not stored, e.g. a copy of an entry the tenant holds)."""
+    entries = indexed_entries(client)
+    before = server.ttft_sum()
+    response = server.complete(token_ids, condition)
+    answered = time.perf_counter()
+    ttft = server.ttft_sum() - before
+    report = (response.get("kv_transfer_params") or {}).get("kvshare") or {}
+    lag = None
+    while time.perf_counter() - answered < COMMIT_WAIT_S:
+        if indexed_entries(client) > entries:
+            lag = time.perf_counter() - answered
+            break
+        time.sleep(0.01)  # polling a condition with a deadline
+    return Served(prompt, condition, server.name, len(token_ids), ttft,
+                  report.get("loaded", 0), report.get("reused", 0), report.get("claimed", 0),
+                  lag)
+
+
+def summarize(served: list[Served], hit_found: float) -> dict[str, Any]:
+    by_condition = {name: {s.prompt: s for s in served if s.condition == name}
+                    for name in ("local", "cross")}
+    hits = {name: [s for s in rows.values() if s.hit(hit_found)]
+            for name, rows in by_condition.items()}
+    both = sorted(set(s.prompt for s in hits["local"]) & set(s.prompt for s in hits["cross"]))
+    medians = {name: statistics.median(s.ttft_s for s in rows) if rows else None
+               for name, rows in hits.items()}
+    lags = [s.commit_lag_s for s in served if s.commit_lag_s is not None]
+    paired = [by_condition["cross"][p].ttft_s / by_condition["local"][p].ttft_s for p in both]
+    return {
+        "requests_per_condition": len(by_condition["local"]),
+        "hits": {name: len(rows) for name, rows in hits.items()},
+        "hits_in_both": len(both),
+        "median_hit_ttft_s": medians,
+        "cross_vs_local_ttft_ratio": (medians["cross"] / medians["local"]
+                                      if medians["cross"] and medians["local"] else None),
+        "paired_median_ratio": statistics.median(paired) if paired else None,
+        "cross_hits_served_by_b": sum(s.server == "b" for s in hits["cross"]),
+        "median_commit_lag_s": statistics.median(lags) if lags else None,
+        "median_reused_share": {
+            name: statistics.median(s.reused / s.prompt_tokens for s in rows) if rows else None
+            for name, rows in hits.items()},
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from kvshare.bench.engine_config import base_config, parse_sets
+    from kvshare.bench.ttft import long_prompts
+    from kvshare.model_assets import SMOLLM2_ALIAS, resolve_model_dir
+    from kvshare.remote.client import DaemonClient, DaemonUnavailable
+
+    if args.requests < 2:
+        raise SystemExit(f"--requests must be >= 2, got {args.requests}")
+    if not 0.0 < args.hit_found <= 1.0:
+        raise SystemExit(f"--hit-found must be in (0, 1], got {args.hit_found}")
+    check_prompt_lengths(args)
+    base = base_config(args.config, args.sets)
+    prompts = long_prompts(args, base)
+    if len(prompts) < 2:
+        raise SystemExit(f"fewer than 2 similar-stream prompts of {args.min_tokens}.."
+                         f"{args.max_tokens} tokens")
+    longest = max(map(len, prompts))
+    model_dir = resolve_model_dir(SMOLLM2_ALIAS, base.home_dir)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="kvshare-cross-") as scratch:
+        root = Path(scratch)
+        address = f"ipc://{root / 'daemon.sock'}"
+        daemon_log = (root / "daemon.log").open("w")
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "kvshare.cli", "daemon", "--home", str(root / "daemon"),
+             "--address", address], stdout=daemon_log, stderr=subprocess.STDOUT,
+            env={**_environment(), "KVSHARE_METRICS_PORT": "0"})
+        sets = {**parse_sets(args.sets), "mode": "remote", "daemon_address": address}
+        common = [SMOLLM2_ALIAS, "--host", "127.0.0.1", "--enforce-eager",
+                  "--max-model-len", str(max(2048, longest + 64)),
+                  "--max-num-batched-tokens", str(longest),
+                  "--kv-cache-memory-bytes", str(1 << 30)]
+        servers: list[Server] = []
+        try:
+            client = DaemonClient(address, timeout_ms=10_000)
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    client.ping(timeout_ms=500)
+                    break
+                except DaemonUnavailable:
+                    if daemon.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError("the daemon did not start") from None
+            for name in ("a", "b"):
+                home = root / f"server-{name}"
+                (home / "models").mkdir(parents=True)  # the converted model, not again
+                (home / "models" / SMOLLM2_ALIAS).symlink_to(model_dir)
+                options = [arg for key, value in {**sets, "home": str(home)}.items()
+                           for arg in ("--kvshare-set", f"{key}={value}")]
+                servers.append(Server(name, _free_port(), common + options, home / "serve.log"))
+            for server in servers:
+                server.wait_ready()
+            a, b = servers
+            print(f"cross-instance: {len(prompts)} prompts, {min(map(len, prompts))}..{longest} "
+                  "tokens, eager mode; local on A, cross alternating A/B; one daemon")
+            served: list[Served] = []
+            for i, ids in enumerate(tqdm(prompts, desc="prompts", unit="prompt")):
+                served.append(serve_one(a, client, i, "local", ids))
+                served.append(serve_one(a if i % 2 == 0 else b, client, i, "cross", ids))
+        finally:
+            client.close()
+            for server in servers:
+                server.stop()
+            daemon.terminate()
+            daemon.wait(timeout=120)
+            daemon_log.close()
+    summary = summarize(served, args.hit_found)
+    summary.update(wall_s=time.perf_counter() - started, hit_found=args.hit_found,
+                   config_overrides=parse_sets(args.sets), requests=[asdict(s) for s in served])
+    medians = summary["median_hit_ttft_s"]
+    print(f"hits: local {summary['hits']['local']}, cross {summary['hits']['cross']} "
+          f"({summary['hits_in_both']} in both)")
+    if medians["local"] and medians["cross"]:
+        print(f"median TTFT of hits: local {medians['local'] * 1e3:.0f} ms, cross "
+              f"{medians['cross'] * 1e3:.0f} ms; cross / local = "
+              f"{summary['cross_vs_local_ttft_ratio']:.2f} (paired median "
+              f"{summary['paired_median_ratio']:.2f})")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=2))
+        print(f"JSON written to {args.json}")
+    return 0
