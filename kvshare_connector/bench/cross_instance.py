@@ -5,19 +5,19 @@ mode) whose connectors run in ``mode: remote`` on it, as users run them. Then re
 long prompts of the ShareGPT similar stream (as ``kvshare bench ttft`` picks them), in
 arrival order, twice, one request at a time, interleaved prompt by prompt:
 
-* **local**: every prompt to server A in tenant ``local``: a hit reads entries that A
-  itself stored;
-* **cross**: prompt i to server A when i is even, to B when it is odd, in tenant
-  ``cross``: a hit mostly reads entries that the *other* server stored (the previous
-  prompt of the stream is the other server's; older sources may be either's).
+* **local**: prompt i measured on server A, in tenant ``local``;
+* **cross**: prompt i measured on server B, in tenant ``cross``.
 
-After each request the benchmark waits until its entry reaches the daemon's index (up to
+A measured request reuses what the cache holds but is not stored (``kvshare_store=0``);
+then server A serves the same prompt again, unmeasured, to store it. So in both tenants
+every entry was stored by A, and the two conditions differ only in where the hit is
+served: on the instance that stored its sources, or on another one. After each storing
+request the benchmark waits until its entry reaches the daemon's index (up to
 ``COMMIT_WAIT_S``): an instance sees its own prompts at once (in flight), another only
 once the chunks are written and the entry committed; that lag is reported apart
-(``median_commit_lag_s``). Both conditions share the daemon, the history of earlier
-prompts and the prompt itself; only which instance stored the source differs. TTFT is
-vLLM's own measurement (the increase of ``vllm:time_to_first_token_seconds_sum`` on the
-serving instance across the request, which runs alone). A request is a hit when kvshare
+(``median_commit_lag_s``). TTFT is vLLM's own measurement (the increase of
+``vllm:time_to_first_token_seconds_sum`` on the serving instance across the request,
+which runs alone). A request is a hit when kvshare
 claimed it and loaded at least ``--hit-found`` of the prompt. Reported: the median TTFT
 of hits in each condition, their ratio (``cross_vs_local_ttft_ratio``, target <= 1.2)
 and the median of per-prompt ratios over prompts that hit in both conditions.
@@ -40,19 +40,22 @@ from typing import Any
 
 from kvshare.bench.engine_config import add_config_arguments
 from kvshare.bench.workload import add_prompt_length_arguments, check_prompt_lengths
+from kvshare.connector.scheduler import STORE_ARG
 
 MAX_TOKENS = 2
 """The load report reaches the response only when the request outlives its load step."""
 START_DEADLINE_S = 900.0
 TTFT_METRIC = "vllm:time_to_first_token_seconds_sum"
+QUIET_S = 0.5
+"""Idle time before each measured request."""
 COMMIT_WAIT_S = 5.0
 """After each request, wait up to this long for its entry to reach the daemon's index."""
 SERVED_MODEL = "smollm2-135m-instruct"
 """The name ``kvshare serve`` gives the SmolLM2 alias in vLLM's API."""
 
 EPILOG = """\
-local: every prompt on server A (hits read A's own entries)
-cross: prompts alternate between A and B (hits read the other server's entries)
+local: measured on server A, which stored every entry
+cross: measured on server B (every hit reads entries A stored)
 hit:   kvshare claimed the request and loaded >= --hit-found of the prompt
 
 example: kvshare bench cross-instance --requests 30 --json results/cross_instance.json
@@ -84,9 +87,6 @@ class Served:
     loaded: int
     reused: int
     claimed: int
-    commit_lag_s: float | None
-    """Seconds from the response to its entry in the daemon's index (what another
-    instance waits before it can reuse the prompt); None if it was not indexed."""
 
     def hit(self, hit_found: float) -> bool:
         return self.claimed > 0 and self.loaded >= hit_found * self.prompt_tokens
@@ -120,10 +120,11 @@ class Server:
                     return float(line.rsplit(" ", 1)[1])
         raise RuntimeError(f"server {self.name} exports no {TTFT_METRIC}")
 
-    def complete(self, token_ids: list[int], tenant: str) -> dict[str, Any]:
+    def complete(self, token_ids: list[int], tenant: str, store: bool) -> dict[str, Any]:
         body = json.dumps({"model": SERVED_MODEL, "prompt": token_ids,
                            "max_tokens": MAX_TOKENS, "temperature": 0.0,
-                           "cache_salt": tenant}).encode()
+                           "cache_salt": tenant,
+                           "vllm_xargs": {STORE_ARG: int(store)}}).encode()
         request = urllib.request.Request(self.url + "/v1/completions", data=body,
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=600) as response:
@@ -153,28 +154,31 @@ def indexed_entries(client) -> int:
     return int(client.stats().index["entries"])
 
 
-def serve_one(server: Server, client, prompt: int, condition: str,
-              token_ids: list[int]) -> Served:
-    """One request, then until its entry is indexed (or ``COMMIT_WAIT_S`` passed: some
-    prompts are not stored, e.g. a copy of an entry the tenant holds)."""
-    entries = indexed_entries(client)
+def measure(server: Server, prompt: int, condition: str, token_ids: list[int]) -> Served:
+    """One measured request; it reuses but is not stored."""
     before = server.ttft_sum()
-    response = server.complete(token_ids, condition)
-    answered = time.perf_counter()
+    response = server.complete(token_ids, condition, store=False)
     ttft = server.ttft_sum() - before
     report = (response.get("kv_transfer_params") or {}).get("kvshare") or {}
-    lag = None
+    return Served(prompt, condition, server.name, len(token_ids), ttft,
+                  report.get("loaded", 0), report.get("reused", 0), report.get("claimed", 0))
+
+
+def store(server: Server, client, tenant: str, token_ids: list[int]) -> float | None:
+    """Serve the prompt to store it; seconds until its entry is indexed (None: it was not
+    within ``COMMIT_WAIT_S``, e.g. an approximation deeper than the config stores)."""
+    entries = indexed_entries(client)
+    server.complete(token_ids, tenant, store=True)
+    answered = time.perf_counter()
     while time.perf_counter() - answered < COMMIT_WAIT_S:
         if indexed_entries(client) > entries:
-            lag = time.perf_counter() - answered
-            break
+            return time.perf_counter() - answered
         time.sleep(0.01)  # polling a condition with a deadline
-    return Served(prompt, condition, server.name, len(token_ids), ttft,
-                  report.get("loaded", 0), report.get("reused", 0), report.get("claimed", 0),
-                  lag)
+    return None
 
 
-def summarize(served: list[Served], hit_found: float) -> dict[str, Any]:
+def summarize(served: list[Served], lags: list[float | None], hit_found: float
+              ) -> dict[str, Any]:
     by_condition = {name: {s.prompt: s for s in served if s.condition == name}
                     for name in ("local", "cross")}
     hits = {name: [s for s in rows.values() if s.hit(hit_found)]
@@ -182,7 +186,7 @@ def summarize(served: list[Served], hit_found: float) -> dict[str, Any]:
     both = sorted(set(s.prompt for s in hits["local"]) & set(s.prompt for s in hits["cross"]))
     medians = {name: statistics.median(s.ttft_s for s in rows) if rows else None
                for name, rows in hits.items()}
-    lags = [s.commit_lag_s for s in served if s.commit_lag_s is not None]
+    indexed = [lag for lag in lags if lag is not None]
     paired = [by_condition["cross"][p].ttft_s / by_condition["local"][p].ttft_s for p in both]
     return {
         "requests_per_condition": len(by_condition["local"]),
@@ -192,8 +196,8 @@ def summarize(served: list[Served], hit_found: float) -> dict[str, Any]:
         "cross_vs_local_ttft_ratio": (medians["cross"] / medians["local"]
                                       if medians["cross"] and medians["local"] else None),
         "paired_median_ratio": statistics.median(paired) if paired else None,
-        "cross_hits_served_by_b": sum(s.server == "b" for s in hits["cross"]),
-        "median_commit_lag_s": statistics.median(lags) if lags else None,
+        "median_commit_lag_s": statistics.median(indexed) if indexed else None,
+        "stored_not_indexed": len(lags) - len(indexed),
         "median_reused_share": {
             name: statistics.median(s.reused / s.prompt_tokens for s in rows) if rows else None
             for name, rows in hits.items()},
@@ -258,9 +262,18 @@ def run(args: argparse.Namespace) -> int:
             print(f"cross-instance: {len(prompts)} prompts, {min(map(len, prompts))}..{longest} "
                   "tokens, eager mode; local on A, cross alternating A/B; one daemon")
             served: list[Served] = []
+            lags: list[float | None] = []
             for i, ids in enumerate(tqdm(prompts, desc="prompts", unit="prompt")):
-                served.append(serve_one(a, client, i, "local", ids))
-                served.append(serve_one(a if i % 2 == 0 else b, client, i, "cross", ids))
+                # Each measured request follows the other server's work half the time,
+                # and a quiet pause: an engine's threads keep a core busy for a moment
+                # after a step (measured: the second of two back-to-back requests on
+                # different servers paid for it).
+                order = [(a, "local"), (b, "cross")]
+                for server, condition in order if i % 2 == 0 else order[::-1]:
+                    time.sleep(QUIET_S)
+                    served.append(measure(server, i, condition, ids))
+                for tenant in ("local", "cross"):
+                    lags.append(store(a, client, tenant, ids))
         finally:
             client.close()
             for server in servers:
@@ -268,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
             daemon.terminate()
             daemon.wait(timeout=120)
             daemon_log.close()
-    summary = summarize(served, args.hit_found)
+    summary = summarize(served, lags, args.hit_found)
     summary.update(wall_s=time.perf_counter() - started, hit_found=args.hit_found,
                    config_overrides=parse_sets(args.sets), requests=[asdict(s) for s in served])
     medians = summary["median_hit_ttft_s"]
