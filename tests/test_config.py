@@ -56,6 +56,12 @@ def test_unknown_environment_key_is_named():
         ("check_layers", [-1], "check_layers=[-1]"),
         ("min_reuse_fraction", True, "min_reuse_fraction=True"),
         ("recompute_tail_tokens", -1, "recompute_tail_tokens=-1"),
+        ("tenancy", "shared", "tenancy='shared'"),
+        ("popular_min_tenants", 1, "popular_min_tenants=1"),
+        ("tenant_groups", {"g": 5}, "tenant_groups"),
+        ("mode", "cluster", "mode='cluster'"),
+        ("daemon_address", "localhost:7400", "daemon_address='localhost:7400'"),
+        ("disk_compression", "lz4", "disk_compression='lz4'"),
     ],
 )
 def test_bad_values_are_named(key, value, fragment):
@@ -78,3 +84,23 @@ def test_environment_strings_are_coerced():
         "KVSHARE_TOP_K": "12", "KVSHARE_SHARE_PUBLIC_SCOPE": "false", "KVSHARE_CPU_BYTES": "1_000",
     })
     assert (config.top_k, config.share_public_scope, config.cpu_bytes) == (12, False, 1000)
+
+
+def test_tcp_needs_a_secret_and_never_prints_it():
+    with pytest.raises(ConfigError, match="daemon_secret") as excinfo:
+        KVShareConfig(daemon_address="tcp://10.0.0.5:7400")
+    assert "at least 16 characters" in str(excinfo.value)
+    with pytest.raises(ConfigError) as excinfo:
+        KVShareConfig(daemon_address="tcp://10.0.0.5:7400", daemon_secret="short-secret")
+    assert "short-secret" not in str(excinfo.value)
+    assert KVShareConfig(daemon_address="tcp://10.0.0.5:7400",
+                         daemon_secret="a" * 16).daemon_endpoint == "tcp://10.0.0.5:7400"
+
+
+def test_tenant_groups_come_from_yaml_and_environment(tmp_path):
+    path = tmp_path / "groups.yaml"
+    path.write_text("tenancy: groups\ntenant_groups:\n  partners: [acme, initech]\n")
+    assert KVShareConfig.load(path, environ={}).tenant_groups == {
+        "partners": ["acme", "initech"]}
+    config = KVShareConfig.load(environ={"KVSHARE_TENANT_GROUPS": '{"g": ["a", "b"]}'})
+    assert config.tenant_groups == {"g": ["a", "b"]}
