@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 from kvshare.catalog import LocalCatalog
+from kvshare.quality_scores import read_scores
 from kvshare.storage.index import IndexEntry
 from kvshare.storage.keys import ChunkKey, chunk_spans
 from kvshare.storage.tiered_store import TieredStore
@@ -53,7 +54,9 @@ class CacheAdmin:
         entries), ``kv_bytes`` (what its quota charges: its entries' tokens times their
         model's KV bytes per token, shared prefixes once per entry; 0 until a commit of the
         model has named its rate). ``tenant_quota_bytes`` is the quota (0: none). Per tier:
-        :meth:`TierStats.to_dict`.
+        :meth:`TierStats.to_dict`. ``quality``: each model's latest shadow-check scores
+        and gate states, for the model and per scope, as the connector last wrote them
+        under the home (:func:`~kvshare.quality_scores.read_scores`; empty before a check).
         """
         entries = self.catalog.index.entries()
         chunk_tokens = self.catalog.config.chunk_tokens
@@ -85,6 +88,7 @@ class CacheAdmin:
             "tenants": {scope: tenants[scope] for scope in sorted(tenants)},
             "by_depth": {str(depth): row for depth, row in sorted(by_depth.items())},
             "tiers": {name: stats.to_dict() for name, stats in self.store.stats().items()},
+            "quality": read_scores(self.catalog.config.home_dir),
         }
 
     def list_entries(self, scope: str | None = None, limit: int = 20) -> list[dict[str, Any]]:

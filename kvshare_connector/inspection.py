@@ -6,7 +6,8 @@ The cache is either an embedded home (``--home``, default: the config's; its ind
 :class:`~kvshare.admin.CacheAdmin`: in this process for a home, in the daemon (through
 ``kvshare.remote.client.DaemonClient``) for a daemon, so both answer alike.
 
-Views: ``stats`` (index totals, per tenant, per approximation depth, per tier), ``list``
+Views: ``stats`` (index totals, per tenant, per approximation depth, per tier, and the
+quality gate's latest shadow-check scores per model and scope), ``list``
 (most recently used entries), ``show ENTRY_ID``, ``plan`` (what a prompt would reuse now
 and what the connector would claim), ``evict ID...``, ``purge --tenant T`` and ``verify``
 (a checksum scrub of every chunk of every tier, page by page with a progress bar). Tables
@@ -32,6 +33,7 @@ import dataclasses
 import json
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -333,7 +335,7 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]):
 
 
 _TEXT_COLUMNS = {"tenant", "tier", "entry", "key", "reason", "preview", "last used",
-                 "field", "value", "healthy"}
+                 "field", "value", "healthy", "model", "gate", "updated"}
 
 
 def _scope_name(scope: str) -> str:
@@ -360,6 +362,29 @@ def _print_stats(data: dict) -> None:
           _size(t["capacity_bytes"]), t["hits"], t["misses"], t["corrupt"], t["errors"],
           "yes" if t["healthy"] else f"no: {t['last_error']}"]
          for name, t in data["tiers"].items()]))
+    if data["quality"]:
+        console.print(_table(
+            "quality (shadow checks: the model's, then each scope's)",
+            ["model", "tenant", "gate", "score", "in window", "checks", "top-1", "KL nats",
+             "updated"],
+            [[document["model_id"], tenant, domain["gate"], _share(domain["score"]),
+              domain["checks_in_window"], domain["checks"], _share(domain["top1_mean"]),
+              "-" if domain["kl_mean"] is None else f"{domain['kl_mean']:.4f}",
+              _when(document["updated_at"])]
+             for document in data["quality"]
+             for tenant, domain in [("<all>", document["model"]),
+                                    *((_scope_name(scope), scores) for scope, scores
+                                      in document["scopes"].items())]]))
+    else:
+        console.print("quality: no shadow check scored yet")
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
 
 
 def _print_list(data: list) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+from pathlib import Path
 
 import pytest
 import yaml
@@ -52,6 +53,7 @@ def test_views_as_json(setup, capsys):
     config_path, stored, tokens = setup
     stats = run_json(capsys, config_path, "stats")
     assert stats["entries"] == 1 and stats["tokens"] == len(tokens)
+    assert stats["quality"] == []  # no shadow check scored in this home
     assert stats["by_depth"] == {"0": {"entries": 1, "tokens": len(tokens),
                                        "exact_tokens": len(tokens)}}
     listing = run_json(capsys, config_path, "list")
@@ -78,6 +80,38 @@ def test_views_show_approximate_entries(setup, capsys, wordllama, tokenizer):
     assert main(["--config", str(config_path), "inspect", "list"]) == 0
     cells = table_row(capsys.readouterr().out, rows[1]["entry_id"])
     assert cells[1:6] == ["acme", "100", "40", "1", "0"]  # tenant tokens exact depth hits
+
+
+def test_stats_show_the_quality_gates_latest_scores(setup, capsys):
+    """The scores a connector's gate wrote under the home, per model and scope, in the
+    JSON and the table."""
+    from kvshare.connector.quality_gate import GateSettings, QualityGate
+    from kvshare.quality_scores import scores_path, write_scores
+
+    config_path, _, _ = setup
+    home = Path(yaml.safe_load(config_path.read_text())["home"])
+    gate = QualityGate(GateSettings(min_top1=0.75, max_kl=0.1, window=4, floor=0.5,
+                                    min_checks=2, reopen_checks=2))
+    gate.record("acme", 1.0, 0.01)
+    gate.record("", 0.9, 0.05)
+    gate.record("globex", 0.1, 3.0)
+    gate.record("globex", 0.3, 1.0)  # the model: 2 of 4 pass; globex: 0 of 2, closed
+    model_id = "smollm2-135m-instruct@0123456789abcdef"
+    write_scores(scores_path(home, model_id), gate.snapshot(model_id))
+    [quality] = run_json(capsys, config_path, "stats")["quality"]
+    assert quality["model_id"] == model_id
+    assert quality["model"] == {"score": 0.5, "checks_in_window": 4, "checks": 4,
+                                "gate": "open", "top1_mean": pytest.approx(0.575),
+                                "kl_mean": pytest.approx(1.015)}
+    assert quality["scopes"]["globex"]["gate"] == "closed"
+    assert quality["scopes"]["globex"]["score"] == 0.0
+    assert quality["scopes"]["acme"]["gate"] == "open"
+    assert main(["--config", str(config_path), "inspect", "stats"]) == 0
+    rows = {cells[1]: cells[2:6] for line in capsys.readouterr().out.splitlines()
+            if (cells := [c.strip() for c in line.strip("│┃ ").split("│")])[0] == model_id}
+    assert rows == {"<all>": ["open", "0.50", "4", "4"], "acme": ["open", "1.00", "1", "1"],
+                    "<public>": ["open", "1.00", "1", "1"],
+                    "globex": ["closed", "0.00", "2", "2"]}
 
 
 def test_plan_of_the_stored_prompt_claims_all_but_the_tail(setup, capsys):

@@ -16,8 +16,9 @@ Which requests are checked: a deterministic ``sample_rate`` share of claimed req
 (by a hash of the request id, :func:`sampled`), and, while a domain is closed, the
 requests it withheld (the claim they would have made), one at a time per scope.
 
-The latest scores are written to ``<home>/quality/<model id>.json``
-(:func:`write_scores`), where ``kvshare inspect stats`` reads them (:func:`read_scores`).
+The scheduler writes the latest scores (:meth:`QualityGate.snapshot`) to
+``<home>/quality/<model id>.json``, where ``kvshare inspect stats`` reads them
+(:mod:`kvshare.quality_scores`).
 
 Scopes are bounded (``max_scopes``, least recently checked open scopes forgotten first;
 closed ones are kept until they reopen). Not thread-safe: the scheduler calls it from
@@ -26,13 +27,13 @@ vLLM's EngineCore thread only.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 import zlib
 from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass
-from pathlib import Path
+
+# Re-exported for the scheduler, which writes the scores.
+from kvshare.quality_scores import scores_path, write_scores  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,8 @@ class QualityGate:
 
     def snapshot(self, model_id: str) -> dict[str, object]:
         """:meth:`scores` with the model id, the settings and the time, for
-        :func:`write_scores` (taken on the caller's thread, written on another)."""
+        :func:`kvshare.quality_scores.write_scores` (taken on the caller's thread, written
+        on another)."""
         return {"model_id": model_id, "updated_at": time.time(),
                 "settings": asdict(self.settings), **self.scores()}
 
@@ -180,25 +182,3 @@ def sampled(req_id: str, rate: float) -> bool:
     """Whether request ``req_id`` is shadow-checked at ``rate`` (deterministic per id, so a
     rate of 1 checks every request and 0 none)."""
     return zlib.crc32(req_id.encode()) < rate * (1 << 32)
-
-
-def scores_path(home: Path, model_id: str) -> Path:
-    """Where the latest scores of ``model_id`` are kept (one file per model: engines of
-    other models never write it)."""
-    return home / "quality" / f"{model_id}.json"
-
-
-def write_scores(path: Path, document: dict[str, object]) -> None:
-    """Write a :meth:`QualityGate.snapshot` atomically (a reader sees the old file or the
-    new one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(document, indent=1))
-    os.replace(temporary, path)
-
-
-def read_scores(home: Path) -> list[dict[str, object]]:
-    """Every model's latest scores under ``home`` (see :func:`write_scores`), newest first."""
-    documents = [json.loads(path.read_text())
-                 for path in sorted((home / "quality").glob("*.json"))]
-    return sorted(documents, key=lambda d: d["updated_at"], reverse=True)
