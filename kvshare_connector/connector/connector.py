@@ -143,9 +143,17 @@ class KVShareConnector(KVConnectorBase_V1):
         return self._worker.build_connector_worker_meta()
 
     def get_kv_connector_stats(self) -> KVShareConnectorStats | None:
-        """The worker's loads since vLLM last asked (after every step). vLLM asks the
-        scheduler half too, which records nothing."""
-        return self._worker.get_kv_connector_stats() if self._worker is not None else None
+        """What happened since vLLM last asked (after every step), or None when nothing did.
+
+        vLLM asks both halves and adds the scheduler's stats to the worker's: the worker
+        half answers its loads, the scheduler half its shadow-check and quality-gate
+        counts (it scores the checks and opens and closes the gate).
+        """
+        if self._worker is not None:
+            return self._worker.get_kv_connector_stats()
+        stats = KVShareConnectorStats()
+        stats.record_quality(self._scheduler.take_quality_counts())
+        return None if stats.is_empty() else stats
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None

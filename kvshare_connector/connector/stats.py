@@ -11,6 +11,8 @@ vLLM's own ``/metrics``. vLLM only builds stats when it logs them (``vllm serve`
 ``data`` crosses processes (msgpack), so it holds plain numbers and a list of floats.
 Token counts follow :class:`~kvshare.connector.metadata.LoadReport`: tokens of the
 claims, vLLM's own prefix-cache hits excluded; "reused" means loaded and not recomputed.
+The worker half records loads; the scheduler half, which scores shadow checks and runs
+the quality gate (:mod:`kvshare.connector.quality_gate`), records their counts.
 
 Metric names start with ``vllm:`` like every metric of vLLM's logger: before a new
 Prometheus logger registers its metrics, vLLM unregisters the old logger's by that
@@ -20,6 +22,7 @@ otherwise fail with duplicated time series.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +38,7 @@ from vllm.v1.metrics.utils import create_metric_per_engine
 
 from kvshare.connector.metadata import LoadReport
 
-COUNTS = {
+LOAD_COUNTS = {
     "loads": "Claims kvshare filled (one per claimed request and load)",
     "claimed_tokens": "Prompt tokens kvshare filled, so vLLM did not compute them",
     "loaded_tokens": "Claimed tokens whose KV came from the tiers",
@@ -45,7 +48,22 @@ COUNTS = {
     "fallbacks": "Claims whose selective fill failed and were recomputed in full",
     "failed_loads": "Claims whose full recompute failed too, reported to vLLM as load errors",
 }
+QUALITY_COUNTS = {
+    "shadow_checks": "Shadow checks that compared a fill with full compute",
+    "shadow_failures": "Shadow checks whose fill missed the pass criteria (shadow_min_top1, "
+                       "shadow_max_kl)",
+    "shadow_dropped": "Sampled fills left unchecked because the checker was busy",
+    "shadow_errors": "Shadow checks that raised, which say nothing about the fill",
+    "gate_closures": "Times the quality gate stopped the claims of the model or of a scope",
+    "gate_reopenings": "Times the quality gate let a stopped model or scope claim again",
+}
+COUNTS = {**LOAD_COUNTS, **QUALITY_COUNTS}
 """``data`` key -> help text of each count; the Prometheus counter is ``vllm:kvshare_<key>``."""
+QUALITY_KEYS = {"done": "shadow_checks", "failed": "shadow_failures",
+                "dropped": "shadow_dropped", "error": "shadow_errors",
+                "closures": "gate_closures", "reopenings": "gate_reopenings"}
+"""The scheduler's quality counts (``KVShareScheduler.take_quality_counts``) -> ``data``
+keys."""
 FILL_SECONDS = "fill_seconds"
 """``data`` key of the list of fill wall times (seconds), one per load."""
 FILL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -56,7 +74,8 @@ prompts."""
 
 @dataclass
 class KVShareConnectorStats(KVConnectorStats):
-    """Counts and fill times of the loads since the last ``get_kv_connector_stats``.
+    """Counts and fill times of the loads, and the shadow-check and gate counts, since
+    the last ``get_kv_connector_stats``.
 
     ``data``: every key of ``COUNTS`` -> int, ``FILL_SECONDS`` -> list of floats.
     ``aggregate`` returns a new object: vLLM hands the same dict to several loggers.
@@ -70,7 +89,7 @@ class KVShareConnectorStats(KVConnectorStats):
         self.data = {**dict.fromkeys(COUNTS, 0), FILL_SECONDS: []}
 
     def is_empty(self) -> bool:
-        return self.data["loads"] == 0 and self.data["failed_loads"] == 0
+        return not any(self.data[key] for key in COUNTS)
 
     def record(self, report: LoadReport) -> None:
         """One load the worker finished (selectively or by falling back)."""
@@ -86,6 +105,11 @@ class KVShareConnectorStats(KVConnectorStats):
     def record_failure(self) -> None:
         """One claim the worker could fill neither selectively nor by recomputing it."""
         self.data["failed_loads"] += 1
+
+    def record_quality(self, counts: Mapping[str, int]) -> None:
+        """The scheduler's shadow-check and gate counts (keys of ``QUALITY_KEYS``)."""
+        for name, number in counts.items():
+            self.data[QUALITY_KEYS[name]] += number
 
     def aggregate(self, other: KVConnectorStats) -> KVShareConnectorStats:
         if not isinstance(other, KVShareConnectorStats):
