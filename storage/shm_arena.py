@@ -6,7 +6,7 @@ fetch through a socket (two copies through the kernel).
 
 The file is created ``0600`` with ``O_EXCL`` (no other user can open it, no one can plant
 it in advance), named ``kvshare-arena-<tag>-<pid>-<random>`` (``tag`` names the owner,
-e.g. a hash of the daemon's home: :func:`remove_stale_arenas` clears what a killed owner
+e.g. a hash of the daemon's home; :func:`remove_stale_arenas` clears what a killed owner
 left), fully reserved at creation (``posix_fallocate``: a full ``/dev/shm`` fails at start
 with a clear error instead of a SIGBUS on a later write), and unlinked on :meth:`close`.
 
@@ -178,16 +178,36 @@ def owner_tag(owner: str | os.PathLike) -> str:
 
 
 def remove_stale_arenas(tag: str, directory: Path = SHM_DIR) -> list[Path]:
-    """Unlink the arenas of ``tag`` that earlier owners left (killed before ``close``).
+    """Unlink the arenas that owners killed before ``close`` left behind.
 
-    Only for a caller that is the one owner of ``tag`` now (the daemon, holding its
-    home's lock): any arena of the tag is then stale. Returns the paths removed.
+    For a caller that is the one owner of ``tag`` now (the daemon, holding its home's
+    lock): every arena of ``tag`` is stale, and so is every arena of this user whose
+    creator (the pid in its name) is no longer running, whatever its tag (a killed daemon
+    whose home is never served again). Returns the paths removed.
     """
     removed = []
-    for path in Path(directory).glob(f"{ARENA_PREFIX}{tag}-*"):
-        path.unlink(missing_ok=True)
-        removed.append(path)
+    for path in Path(directory).glob(f"{ARENA_PREFIX}*"):
+        owner, _, rest = path.name[len(ARENA_PREFIX):].partition("-")
+        pid = rest.partition("-")[0]
+        try:
+            stale = owner == tag or (path.stat().st_uid == os.geteuid() and pid.isdigit()
+                                     and not _running(int(pid)))
+            if stale:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:
+            continue  # its owner closed it meanwhile
     return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 class ArenaMapping:

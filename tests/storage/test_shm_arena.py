@@ -121,9 +121,11 @@ def test_a_reader_refuses_a_file_others_can_read(tmp_path):
         ArenaMapping(path)
 
 
-def test_stale_arenas_of_a_tag_are_removed_and_others_kept(tmp_path):
+def test_stale_arenas_of_the_tag_or_of_dead_owners_are_removed(tmp_path):
     left = ShmArena(ALIGN, tag="mine", directory=tmp_path)  # a killed owner's, never closed
-    other = ShmArena(ALIGN, tag="theirs", directory=tmp_path)
-    assert remove_stale_arenas("mine", tmp_path) == [left.path]
-    assert not left.path.exists() and other.path.exists()
-    other.close()
+    live = ShmArena(ALIGN, tag="theirs", directory=tmp_path)  # this process: running
+    dead = tmp_path / "kvshare-arena-gone-999999999-abcd"  # no such pid
+    dead.write_bytes(b"")
+    assert sorted(remove_stale_arenas("mine", tmp_path)) == sorted([left.path, dead])
+    assert live.path.exists()
+    live.close()
