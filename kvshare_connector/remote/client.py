@@ -45,6 +45,7 @@ from kvshare.storage.chunk import KVChunk
 from kvshare.storage.codec import ChunkCorruptError
 from kvshare.storage.index import IndexEntry
 from kvshare.storage.keys import ChunkKey
+from kvshare.storage.shm_arena import ArenaMapping
 from kvshare.storage.tier import TierStats
 
 logger = logging.getLogger(__name__)
@@ -207,17 +208,33 @@ class RemoteCatalog:
 class RemoteStore:
     """:class:`kvshare.storage.tiered_store.ChunkStore` of the daemon: like a tier, a
     failure reads as misses and "not stored", logged once per outage. Chunks read are
-    verified (checksum over header and payload) and view the reply's frames."""
+    verified (checksum over header and payload) and view the reply's frames, or, with
+    ``shared_memory`` (the default on ``ipc://``: the daemon is on this host and runs as
+    this user), the daemon's shared-memory arena, mapped once and read in place.
 
-    def __init__(self, client: DaemonClient) -> None:
+    A chunk read from the arena is guaranteed unchanged for ``GRACE_S`` seconds
+    (:mod:`kvshare.storage.shm_arena`) after the get: callers copy what they need out
+    of it at once (the worker copies a fetched chunk's rows into the fill right away)
+    and must clone a chunk they keep longer.
+    """
+
+    def __init__(self, client: DaemonClient, *, shared_memory: bool | None = None) -> None:
+        local = client.endpoint.startswith("ipc://")
+        if shared_memory and not local:
+            raise ValueError(f"shared_memory=True needs an ipc:// daemon on this host, not "
+                             f"{client.endpoint}")
         self.client = client
+        self.shared_memory = local if shared_memory is None else shared_memory
+        self._arena: ArenaMapping | None = None
+        self._arena_lock = threading.Lock()
         self._healthy = True
         self._health_lock = threading.Lock()
 
     @classmethod
-    def connect(cls, config: KVShareConfig) -> RemoteStore:
+    def connect(cls, config: KVShareConfig, *, shared_memory: bool | None = None
+                ) -> RemoteStore:
         """Never contacts the daemon: a connector starts whether or not it is up."""
-        return cls(DaemonClient.from_config(config))
+        return cls(DaemonClient.from_config(config), shared_memory=shared_memory)
 
     def put(self, chunks: Sequence[KVChunk]) -> list[bool]:
         if not chunks:
@@ -233,17 +250,25 @@ class RemoteStore:
     def get(self, keys: Sequence[ChunkKey]) -> list[KVChunk | None]:
         if not keys:
             return []
-        answer = self._call(wire.Get(list(keys)))
+        answer = self._call(wire.Get(list(keys), shared_memory=self.shared_memory))
         if answer is None:
             return [None] * len(keys)
         heads, frames = answer
-        if sum(head is not None for head in heads) != len(frames) or len(heads) != len(keys):
+        if sum(isinstance(head, bytes) for head in heads) != len(frames) \
+                or len(heads) != len(keys):
             logger.error("kvshare: the daemon answered a get of %d keys with %d headers and %d "
                          "payloads; reading misses", len(keys), len(heads), len(frames))
             return [None] * len(keys)
         payloads = iter(frames)
-        return [None if head is None else self._verified(head, next(payloads))
-                for head in heads]
+        found: list[KVChunk | None] = []
+        for head in heads:
+            if head is None:
+                found.append(None)
+            elif isinstance(head, wire.SharedChunk):
+                found.append(self._mapped(head))
+            else:
+                found.append(self._verified(head, next(payloads).buffer))
+        return found
 
     def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
         if not keys:
@@ -264,13 +289,42 @@ class RemoteStore:
         self.client.close()
 
     @staticmethod
-    def _verified(head: bytes, frame: zmq.Frame) -> KVChunk | None:
+    def _verified(head: bytes, payload: memoryview) -> KVChunk | None:
         try:
-            return wire.chunk_from_parts(head, frame.buffer)
+            return wire.chunk_from_parts(head, payload)
         except ChunkCorruptError as exc:
             logger.warning("kvshare: a chunk from the daemon failed verification (%s); "
                            "reading a miss", exc)
             return None
+
+    def _mapped(self, shared: wire.SharedChunk) -> KVChunk | None:
+        """The chunk at its arena range, verified there (no copy); None when the range
+        does not verify or the arena cannot be mapped."""
+        try:
+            payload = self._arena_at(shared.arena).bytes_at(shared.offset, shared.nbytes)
+        except FileNotFoundError:
+            return None  # the daemon stopped and removed its arena since it answered
+        except (OSError, ValueError) as exc:
+            self.shared_memory = False
+            logger.warning("kvshare: cannot read the daemon's shared memory (%s); chunks come "
+                           "through the socket from now on", exc)
+            return None
+        return self._verified(shared.head, payload)
+
+    @property
+    def arena_path(self) -> str | None:
+        """The daemon's arena this store last read chunks through; None before the first
+        shared-memory hit (and always without ``shared_memory``)."""
+        arena = self._arena
+        return None if arena is None else arena.path
+
+    def _arena_at(self, path: str) -> ArenaMapping:
+        """The mapping of the daemon's arena ``path``; a new path (the daemon restarted)
+        replaces the old mapping, which lives on while chunks still view it."""
+        with self._arena_lock:
+            if self._arena is None or self._arena.path != path:
+                self._arena = ArenaMapping(path)
+            return self._arena
 
     def _call(self, call: wire.Call, payloads: Sequence[memoryview] = (),
               timeout_ms: int | None = None) -> tuple[Any, list[zmq.Frame]] | None:

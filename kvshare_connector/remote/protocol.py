@@ -15,6 +15,14 @@ the msgpack header and its tensor bytes as a separate frame, sent without copyin
 received as a view of the frame (``ChunkCodec.decode_parts``). The checksum covers both,
 so a damaged frame is refused, never served.
 
+Shared memory. A ``Get`` with ``shared_memory=True`` (a client on this host, same user,
+that can map the daemon's arena) is answered, for each chunk the daemon's CPU tier
+holds in its shared-memory arena, with a :class:`SharedChunk` (codec header, arena file,
+byte range) instead of a payload frame; the client maps the arena and verifies the range
+against the header in place. The daemon leaves such a range unchanged for at least
+``kvshare.storage.shm_arena.GRACE_S`` seconds after the get. Other hits still travel as
+frames. TCP clients never ask for shared memory.
+
 Everything else is msgpack: kvshare's dataclasses (``IndexEntry``, ``LookupResult``,
 ``LoadOutcome``, ``TierStats``, ...) encode as maps of their fields, and numpy arrays
 (embeddings, token ids, a plan's recompute positions) as an extension value holding
@@ -42,7 +50,7 @@ from kvshare.storage.codec import ChunkCodec
 from kvshare.storage.index import IndexEntry
 from kvshare.storage.tier import TierStats
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 """Bumped whenever a call, a reply or the array encoding changes."""
 NDARRAY_EXT = 1
 """msgpack extension code of a numpy array: ``[dtype.str, shape, raw bytes]`` (msgpack)."""
@@ -87,11 +95,24 @@ class ReportLoad(Call, tag="report_load"):
     outcome: LoadOutcome
 
 
+class SharedChunk(msgspec.Struct, array_like=True, frozen=True):
+    """A hit answered through shared memory: the chunk's codec header (raw codec,
+    checksummed when it was stored) and the bytes ``[offset, offset + nbytes)`` of the
+    arena file at ``arena`` that its header must verify."""
+
+    head: bytes
+    arena: str
+    offset: int
+    nbytes: int
+
+
 class Get(Call, tag="get"):
-    """Reply: one codec header per key (None for a miss), one payload frame per hit."""
+    """Reply: per key None (a miss), a codec header (a hit whose payload is the next
+    frame), or, when ``shared_memory`` is set, a :class:`SharedChunk` (no frame)."""
 
     keys: list[bytes]
-    RESULT: ClassVar[Any] = list[bytes | None]
+    shared_memory: bool = False
+    RESULT: ClassVar[Any] = list[bytes | SharedChunk | None]
 
 
 class Put(Call, tag="put"):

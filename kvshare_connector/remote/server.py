@@ -9,7 +9,10 @@ Sockets and threads. A ROUTER socket listens at ``config.daemon_endpoint``; a Ze
 proxy (C code, off the GIL) hands each request to one of ``daemon_threads`` worker
 threads through an inproc DEALER, and their replies back to the caller. A worker decodes
 the call, runs it against the catalog or the store, and sends the reply with the chunk
-payloads as separate frames that point at the tensors' memory (no copy on send).
+payloads as separate frames that point at the tensors' memory (no copy on send). The CPU
+tier lives in a shared-memory arena (``build_store(shared_memory=True)``): a client on
+this host that asks for it gets each CPU-tier hit as a range of that arena to map, and
+no frame at all (see :mod:`kvshare.remote.protocol`).
 
 Security. ``ipc://`` (the default) is a Unix socket created with mode 0600: only the
 daemon's user can connect. ``tcp://`` is always CURVE-encrypted and authenticated: server
@@ -52,6 +55,7 @@ from kvshare.storage.codec import ChunkCorruptError
 from kvshare.storage.commit import entries_missing_chunks
 from kvshare.storage.index import stored_chunk_keys
 from kvshare.storage.keys import KEY_BYTES
+from kvshare.storage.memory_tier import SharedMemoryTier
 from kvshare.storage.tiered_store import TieredStore
 from kvshare.tiers_setup import build_store
 
@@ -89,6 +93,8 @@ class DaemonService:
         self.store = store
         self.admin = admin
         self.metrics = metrics
+        self._shared_tier = next((tier for tier in getattr(store, "tiers", ())
+                                  if isinstance(tier, SharedMemoryTier)), None)
         self._handlers: dict[type, Callable[[Any, list[zmq.Frame]], _Handled]] = {
             wire.Ping: self._ping, wire.Lookup: self._lookup, wire.Commit: self._commit,
             wire.Drop: self._drop, wire.RecordHits: self._record_hits,
@@ -135,11 +141,28 @@ class DaemonService:
 
     # ------------------------------------------------------------------ store
     def _get(self, call: wire.Get, _: list) -> _Handled:
-        chunks = self.store.get(_checked_keys(call.keys))
-        heads, payloads = wire.chunk_parts([chunk for chunk in chunks if chunk is not None])
-        found = iter(heads)
-        return _Handled([None if chunk is None else next(found) for chunk in chunks],
-                        tuple(payloads))
+        """Hits of the shared-memory CPU tier go as their arena range to a client that
+        asked for shared memory, and as a frame with the header stored with them (no
+        checksum to compute) to others; every other hit as a frame."""
+        answers: list[bytes | wire.SharedChunk | None] = []
+        payloads = []
+        for chunk in self.store.get(_checked_keys(call.keys)):
+            if chunk is None:
+                answers.append(None)
+                continue
+            shared = None if self._shared_tier is None else self._shared_tier.locate(chunk)
+            if shared is not None and call.shared_memory:
+                answers.append(wire.SharedChunk(shared.head, shared.path, shared.offset,
+                                                shared.nbytes))
+                continue
+            if shared is not None:
+                head = shared.head
+                payload = self._shared_tier.arena.view(shared.offset, shared.nbytes).numpy().data
+            else:
+                (head,), (payload,) = wire.chunk_parts([chunk])
+            answers.append(head)
+            payloads.append(payload)
+        return _Handled(answers, tuple(payloads))
 
     def _put(self, call: wire.Put, payloads: list[zmq.Frame]) -> _Handled:
         if len(payloads) != len(call.heads):
@@ -391,7 +414,7 @@ class Daemon:
         self._lock_file = _lock_home(config.home_dir)
         try:
             self.catalog = LocalCatalog(config)
-            self.store = build_store(config)
+            self.store = build_store(config, shared_memory=True)
         except BaseException:
             self._lock_file.close()
             raise

@@ -91,7 +91,7 @@ def test_a_corrupt_payload_frame_is_refused_and_never_served(daemon, config, cli
 
 
 def test_a_reply_damaged_on_the_way_reads_as_a_miss(daemon, config, monkeypatch):
-    store = RemoteStore.connect(config)
+    store = RemoteStore(DaemonClient.from_config(config), shared_memory=False)  # frames
     (chunk,) = make_chunks(16, 16)
     assert store.put([chunk]) == [True]
     real_call = DaemonClient.call
