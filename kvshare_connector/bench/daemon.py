@@ -19,6 +19,10 @@ then the same entries (``commit``), asked by ``RemoteCatalog`` + ``RemoteStore``
 ``remote_vs_embedded_latency_ratio`` is remote p50 / embedded p50 of one op.
 Throughput: 1, 2 and 4 client processes loop ops against the daemon for ``--seconds``
 each; ``clients_N_ops_per_s`` counts the ops all N completed per second.
+
+Remote fetches read the daemon's shared-memory CPU tier in place (``remote_fetch``:
+``shared memory``); ``--socket`` makes the clients receive every chunk through the
+socket instead, as TCP clients do.
 """
 
 from __future__ import annotations
@@ -65,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=8.0, metavar="S",
                         help="duration of each throughput run (default: 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed for picks and edits")
+    parser.add_argument("--socket", action="store_true",
+                        help="remote clients receive chunks through the socket instead of "
+                             "reading the daemon's shared memory")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON")
 
 
@@ -203,11 +210,13 @@ class DaemonProcess:
 
 
 def _client_loop(config: KVShareConfig, queries: list[Query], seconds: float,
-                 start: multiprocessing.Event, done: multiprocessing.Queue) -> None:
+                 shared_memory: bool, start: multiprocessing.Event,
+                 done: multiprocessing.Queue) -> None:
     """One throughput client: warm up, wait for the common start, loop ops."""
     from kvshare.remote.client import RemoteCatalog, RemoteStore
 
-    catalog, store = RemoteCatalog.connect(config), RemoteStore.connect(config)
+    catalog = RemoteCatalog.connect(config)
+    store = RemoteStore.connect(config, shared_memory=shared_memory)
     for query in queries[:3]:
         lookup_and_fetch(catalog, store, query, config.chunk_tokens)
     done.put(None)  # ready
@@ -222,14 +231,15 @@ def _client_loop(config: KVShareConfig, queries: list[Query], seconds: float,
 
 
 def throughput(config: KVShareConfig, queries: list[Query], clients: int, seconds: float,
-               seed: int) -> float:
+               seed: int, shared_memory: bool) -> float:
     """Ops per second ``clients`` processes complete together."""
     ctx = multiprocessing.get_context("spawn")
     start, done = ctx.Event(), ctx.Queue()
     procs = []
     for n in range(clients):
         shuffled = random.Random(seed + n).sample(queries, len(queries))
-        proc = ctx.Process(target=_client_loop, args=(config, shuffled, seconds, start, done))
+        proc = ctx.Process(target=_client_loop, args=(config, shuffled, seconds, shared_memory,
+                                                         start, done))
         proc.start()
         procs.append(proc)
     for _ in procs:
@@ -278,7 +288,9 @@ def run(args: argparse.Namespace) -> int:
     config = configs["remote"]
     Path(config.home).mkdir(parents=True)
     daemon = DaemonProcess(config)
-    rcatalog, rstore = RemoteCatalog.connect(config), RemoteStore.connect(config)
+    shared_memory = not args.socket
+    rcatalog = RemoteCatalog.connect(config)
+    rstore = RemoteStore.connect(config, shared_memory=shared_memory)
     setup = DaemonClient(config.daemon_endpoint, timeout_ms=SETUP_TIMEOUT_MS)
     try:
         daemon.wait_ready(setup)
@@ -290,7 +302,11 @@ def run(args: argparse.Namespace) -> int:
                                         SMOLLM2_LAYOUT.bytes_per_token())
         remote_s, _ = time_ops(rcatalog, rstore, queries, args.ops, config.chunk_tokens,
                                "remote")
-        ops_per_s = {n: throughput(config, queries, n, args.seconds, args.seed) for n in clients}
+        if shared_memory and rstore.arena_path is None:
+            raise SystemExit(f"remote fetches did not read the daemon's shared memory (no "
+                             f"room under /dev/shm?); see {daemon.log}, or pass --socket")
+        ops_per_s = {n: throughput(config, queries, n, args.seconds, args.seed, shared_memory)
+                     for n in clients}
     finally:
         for closable in (rcatalog, rstore, setup):
             closable.close()
@@ -304,6 +320,7 @@ def run(args: argparse.Namespace) -> int:
         "mean_fetched_tokens": fetched_tokens / args.ops,
         "mean_fetched_mib": fetched_tokens * SMOLLM2_LAYOUT.bytes_per_token() / args.ops / 2**20,
         "daemon_threads": config.daemon_threads,
+        "remote_fetch": "shared memory" if shared_memory else "socket",
         "embedded_p50_ms": float(np.percentile(embedded_s, 50) * 1e3),
         "embedded_p99_ms": float(np.percentile(embedded_s, 99) * 1e3),
         "remote_p50_ms": float(np.percentile(remote_s, 50) * 1e3),
@@ -326,7 +343,7 @@ def _print(result: dict, ops_per_s: dict[int, float]) -> None:
     print(f"{result['entries']} entries, {result['queries']} similar prompts, "
           f"{result['ops']} ops per mode; a fetch reads {result['mean_fetched_tokens']:.0f} "
           f"tokens ({result['mean_fetched_mib']:.1f} MiB) on average; daemon threads: "
-          f"{result['daemon_threads']}")
+          f"{result['daemon_threads']}; remote fetch through {result['remote_fetch']}")
     print("| lookup + fetch | p50 ms | p99 ms |\n|---|---:|---:|")
     for mode in ("embedded", "remote"):
         print(f"| {mode} | {result[f'{mode}_p50_ms']:.2f} | {result[f'{mode}_p99_ms']:.2f} |")
