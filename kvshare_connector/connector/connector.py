@@ -86,8 +86,8 @@ class KVShareConnector(KVConnectorBase_V1):
         config = load_config(vllm_config)
         check_vllm_config(config, vllm_config)
         model_config = vllm_config.model_config
-        model_id = model_fingerprint(local_model_dir(model_config.model, model_config.revision),
-                                     config.home_dir)
+        model_dir = local_model_dir(model_config.model, model_config.revision)
+        model_id = model_fingerprint(model_dir, config.home_dir)
         self._scheduler = self._worker = None
         if role == KVConnectorRole.SCHEDULER:
             from kvshare.catalog import open_catalog
@@ -103,7 +103,7 @@ class KVShareConnector(KVConnectorBase_V1):
         else:
             from kvshare.connector.worker import KVShareWorker
 
-            self._worker = KVShareWorker(config, model_id)
+            self._worker = KVShareWorker(config, model_id, model_dir)
 
     @property
     def requires_kv_delivery(self) -> bool:

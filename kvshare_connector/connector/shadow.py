@@ -11,27 +11,35 @@ without blocks) and computes densely, never touching vLLM's paged cache:
 
 and compares the next-token distributions at the prompt's last ``COMPARED_POSITIONS``
 positions after the claim: the share of positions whose most likely token agrees, and
-the mean KL(reference || fill) in nats. Both sides run on the same
-:class:`~kvshare.recompute.vllm_adapter.DenseVLLMDecoderAdapter`, so they differ only
-by the fill.
+the mean KL(reference || fill) in nats. Both sides run on one reference model
+(:func:`reference_adapter`), so they differ only by the fill.
 
-A check costs about 1.3 prefills of its prompt. It never delays the request it samples:
+The reference model is transformers' copy of the served model, not vLLM's modules. vLLM's
+modules are not safe to call beside the engine's forward: on CPU each linear layer runs
+oneDNN through one handler whose primitive cache is filled per batch size, and calls from a
+second thread corrupted the heap (``malloc_consolidate(): invalid chunk size``) or
+returned non-finite logits. Nor can a check compute with torch from vLLM's weights: on CPU
+vLLM reorders every linear layer's weight into oneDNN's packed layout and replaces
+``layer.weight`` by an empty tensor (``dispatch_cpu_unquantized_gemm(remove_weight=True)``),
+so no plain ``[out, in]`` weight is left to read. A check therefore owns its model,
+loaded from the served model's directory at the first check (off the request path): one
+more copy of the weights in the worker's memory, their size in the model's dtype (about
+270 MB for SmolLM2-135M in bf16, 14 GB for a 7B model). Its numerics are transformers'
+(torch SDPA, the residual added in the model dtype), which differ from vLLM's prefill by
+bf16 rounding; both sides of a check share them.
+
+A check computes its prompt about 1.3 times over (full compute, then the fill and the
+positions after the claim); on CPU, on transformers' modules, a check of a 1,024-token
+SmolLM2 prompt took 1.3-1.5 s where vLLM prefilled it in 0.92 s. It never delays the
+request it samples:
 the request's own fill and forward run as always, and :class:`ShadowChecker` runs checks
-one at a time on a thread of the lowest CPU priority, between engine steps; at most
-``QUEUE_SIZE`` checks wait, further ones are dropped (and answered as dropped).
-
-Between steps, not during them: vLLM's modules are not safe to call from two threads at
-once. On CPU its linear layers run oneDNN through one handler per layer whose primitive
-cache is filled per batch size; calling them beside the engine's forward corrupted the
-heap (``malloc_consolidate(): invalid chunk size``) and returned NaN logits. So every
-call of a model module by a check holds :meth:`ShadowChecker.model_turn`, which waits
-until no step runs, and a step (:meth:`ShadowChecker.step_started`) waits for the check's
-module call in progress, if any: at most one call, never a whole check or layer.
-
-Open problem (why ``shadow_sample_rate`` defaults to 0): on the test engine
-(``max_num_batched_tokens=256``, prompts of about 600 tokens) every check's full compute
-returned non-finite logits, on a larger-budget engine rarely; such a check is answered
-as ``error`` and never counts against a scope.
+one at a time on a thread of the lowest CPU priority (nice 19; the OpenMP workers it
+starts inherit it), beside engine steps: on a core an engine at nice 0 keeps busy, a
+check gets about 1.5% of the time (Linux's weights for nice 19 and 0), and it takes the
+time the engine leaves idle. A check shares with the engine only data it reads (the
+request's token ids, the RoPE frequencies) and the save queue and tiers it loads chunks
+from, which are thread-safe. At most ``QUEUE_SIZE`` checks wait; further ones are dropped
+(and answered as dropped).
 """
 
 from __future__ import annotations
@@ -41,14 +49,15 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
 from kvshare.connector.metadata import ShadowResult, ShadowSpec
 from kvshare.recompute.adapter import ModelAdapter
 from kvshare.recompute.engine import PromptKV
+from kvshare.recompute.hf_adapter import HFDecoderAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +68,20 @@ QUEUE_SIZE = 2
 LOW_PRIORITY = 19
 """The checker thread's nice value: the lowest CPU priority."""
 
-Pause = Callable[[int], None]
-"""Called before each layer of a check (with its index); returns when the check may go on."""
-CheckFn = Callable[[ShadowSpec, Pause], tuple[float, float, int]]
+BeforeLayer = Callable[[int], None]
+"""Called before each layer of a check (with its index); raises once the checker closes,
+so that closing never waits for a whole check."""
+CheckFn = Callable[[ShadowSpec, BeforeLayer], tuple[float, float, int]]
 """Runs one check: (top-1 agreement share, mean KL in nats, positions compared)."""
+
+
+def reference_adapter(model_dir: Path, dtype: torch.dtype) -> HFDecoderAdapter:
+    """The checks' own copy of the served model, as transformers loads ``model_dir``, in
+    vLLM's ``dtype`` (see the module docstring for why, and what it costs)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    return HFDecoderAdapter(model.eval().requires_grad_(False))
 
 
 def compare_next_tokens(reference: torch.Tensor, system: torch.Tensor) -> tuple[float, float]:
@@ -80,7 +99,7 @@ def compare_next_tokens(reference: torch.Tensor, system: torch.Tensor) -> tuple[
 
 
 def forward_positions(adapter: ModelAdapter, token_ids: Sequence[int], kv: PromptKV,
-                      first: int, num_logits: int, pause: Pause) -> torch.Tensor:
+                      first: int, num_logits: int, before_layer: BeforeLayer) -> torch.Tensor:
     """Compute positions ``[first, T)`` over ``kv`` and return the logits ``[num_logits,
     vocab]`` of the last ``num_logits`` of them.
 
@@ -93,7 +112,7 @@ def forward_positions(adapter: ModelAdapter, token_ids: Sequence[int], kv: Promp
                              device=adapter.device)
     update, residual = adapter.embed(tokens), None
     for layer in range(adapter.num_layers):
-        pause(layer)
+        before_layer(layer)
         x, residual = adapter.input_norm(layer, update, residual)
         q, k, v = adapter.qkv(layer, x)
         q, k = adapter.rope(q, k, positions)
@@ -110,27 +129,17 @@ class _Closed(Exception):
 
 
 class ShadowChecker:
-    """Runs shadow checks one at a time on a low-priority thread, between engine steps.
+    """Runs shadow checks one at a time on a low-priority thread, beside engine steps.
 
-    The worker calls :meth:`step_started` and :meth:`step_ended` around every engine
-    step; a check waits at its next layer while a step runs. Every submitted spec gets
-    exactly one :class:`ShadowResult` from :meth:`take_results`.
+    Every submitted spec gets exactly one :class:`ShadowResult` from :meth:`take_results`
+    (until :meth:`close`).
     """
 
-    def __init__(self, check: CheckFn, queue_size: int = QUEUE_SIZE,
-                 num_threads: int | None = None) -> None:
+    def __init__(self, check: CheckFn, queue_size: int = QUEUE_SIZE) -> None:
         self._check = check
-        self._num_threads = num_threads or torch.get_num_threads()
-        """The engine thread's intra-op thread count (see :meth:`_run`)."""
         self._queue: queue.Queue[ShadowSpec | None] = queue.Queue(queue_size)
         self._results: list[ShadowResult] = []
         self._results_lock = threading.Lock()
-        self._idle = threading.Event()
-        self._idle.set()
-        self._model_lock = threading.Lock()
-        """Held by an engine step from start to end, and by a check around each call of
-        a model module."""
-        self._in_step = False
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="kvshare-shadow", daemon=True)
         self._thread.start()
@@ -142,36 +151,6 @@ class ShadowChecker:
         except queue.Full:
             self._answer(_result(spec, "dropped"))
 
-    def step_started(self) -> None:
-        """An engine step begins: checks make no new module call until it ends (the one in
-        progress, if any, finishes first)."""
-        if self._in_step:
-            return
-        self._idle.clear()  # before the lock: the check must not take it again meanwhile
-        self._model_lock.acquire()
-        self._in_step = True
-
-    def step_ended(self) -> None:
-        if not self._in_step:
-            return
-        self._in_step = False
-        self._model_lock.release()
-        self._idle.set()
-
-    @contextmanager
-    def model_turn(self) -> Iterator[None]:
-        """Hold around each call of a model module by a check (see the module docstring)."""
-        while True:
-            self._pause(-1)
-            self._model_lock.acquire()
-            if self._idle.is_set():
-                break
-            self._model_lock.release()  # a step began between the wait and the lock
-        try:
-            yield
-        finally:
-            self._model_lock.release()
-
     def take_results(self) -> list[ShadowResult]:
         """Results answered since the last call."""
         with self._results_lock:
@@ -182,26 +161,23 @@ class ShadowChecker:
         """Return once every check queued so far has been answered (tools and tests)."""
         self._queue.join()
 
-    def close(self) -> None:
-        """Stop the thread: a running check ends at its next layer, queued ones are not run."""
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the thread: a running check ends at its next layer, queued ones are not run
+        (nor answered). Waits up to ``timeout_s`` for the thread to end."""
         self._closed = True
-        self._idle.set()
         try:
             self._queue.put_nowait(None)
         except queue.Full:
             pass  # the thread sees ``_closed`` after its running check
-        self._thread.join(timeout=10.0)
+        self._thread.join(timeout=timeout_s)
 
     def _run(self) -> None:
-        # A new thread's OpenMP team defaults to every CPU, but vLLM's CPU kernels size
-        # per-thread scratch buffers for the engine thread's team: a larger team wrote
-        # past them (heap corruption, NaN logits). Use the engine's count.
-        torch.set_num_threads(self._num_threads)
+        # Threads the checker starts (its OpenMP workers) inherit this priority.
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOW_PRIORITY)
         except (AttributeError, OSError):
             logger.warning("kvshare: could not lower the shadow checker's CPU priority; "
-                           "checks compete with the engine between steps")
+                           "checks compete with the engine for the CPU")
         while True:
             spec = self._queue.get()
             try:
@@ -217,7 +193,7 @@ class ShadowChecker:
         started = time.perf_counter()
         try:
             with torch.inference_mode():
-                top1, kl, positions = self._check(spec, self._pause)
+                top1, kl, positions = self._check(spec, self._before_layer)
         except _Closed:
             raise
         except Exception:
@@ -226,8 +202,7 @@ class ShadowChecker:
         return _result(spec, "done", top1=top1, kl=kl, positions=positions,
                        seconds=time.perf_counter() - started)
 
-    def _pause(self, layer: int) -> None:
-        self._idle.wait()
+    def _before_layer(self, layer: int) -> None:
         if self._closed:
             raise _Closed
 

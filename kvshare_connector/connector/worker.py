@@ -36,6 +36,7 @@ import threading
 import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
@@ -52,17 +53,19 @@ from kvshare.connector.paged_kv import PagedKV
 from kvshare.connector.save_queue import SaveJob, SaveQueue
 from kvshare.connector.shadow import (
     COMPARED_POSITIONS,
-    Pause,
+    BeforeLayer,
     ShadowChecker,
     compare_next_tokens,
     forward_positions,
+    reference_adapter,
 )
 from kvshare.connector.stats import KVShareConnectorStats
 from kvshare.plugin import loaded_model
 from kvshare.recompute.adapter import ModelAdapter
 from kvshare.recompute.engine import MassBudget, PromptKV, SelectiveRecomputeEngine
+from kvshare.recompute.hf_adapter import HFDecoderAdapter
 from kvshare.recompute.rope import rerotate_keys
-from kvshare.recompute.vllm_adapter import DenseVLLMDecoderAdapter, VLLMDecoderAdapter
+from kvshare.recompute.vllm_adapter import VLLMDecoderAdapter
 from kvshare.storage.chunk import KVLayout
 from kvshare.storage.commit import entries_missing_chunks, fetch_entry_chunks
 from kvshare.storage.index import stored_chunk_keys
@@ -74,15 +77,19 @@ logger = logging.getLogger(__name__)
 class KVShareWorker:
     """Loads and saves KV for the requests the scheduler side names each step."""
 
-    def __init__(self, config: KVShareConfig, model_id: str) -> None:
+    def __init__(self, config: KVShareConfig, model_id: str, model_dir: Path) -> None:
         self.config = config
         self.model_id = model_id
+        self.model_dir = model_dir
+        """The served model's files, which shadow checks load their own copy from."""
         self.store = open_store(config)
         self.saves = SaveQueue(self.store, model_id, config.chunk_tokens,
                                config.save_queue_bytes)
         self.paged: PagedKV | None = None
         self.adapter: VLLMDecoderAdapter | None = None
         self.layout: KVLayout | None = None
+        self._inv_freq: torch.Tensor | None = None
+        """The model's RoPE frequencies (``rope_inv_freq``), for re-rotating loaded keys."""
         self._out = KVShareWorkerMetadata()
         self._load_errors: set[int] = set()
         self._stats = KVShareConnectorStats()
@@ -105,7 +112,9 @@ class KVShareWorker:
         self.shadow: ShadowChecker | None = None
         """Shadow checks of sampled fills (:mod:`kvshare.connector.shadow`), from
         ``register_kv_caches`` on."""
-        self._dense: DenseVLLMDecoderAdapter | None = None
+        self._reference: HFDecoderAdapter | None = None
+        """The shadow checks' model (:func:`~kvshare.connector.shadow.reference_adapter`),
+        loaded by the first check; only the checker's thread touches it."""
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         model = loaded_model()
@@ -114,8 +123,8 @@ class KVShareWorker:
         self.adapter = VLLMDecoderAdapter(model, self.paged)
         self.layout = KVLayout(self.adapter.num_layers, self.adapter.num_kv_heads,
                                self.adapter.head_dim, self.adapter.dtype)
-        self.shadow = ShadowChecker(self._shadow_check, num_threads=torch.get_num_threads())
-        self._dense = DenseVLLMDecoderAdapter(model, guard=self.shadow.model_turn)
+        self._inv_freq = self.adapter.rope_inv_freq
+        self.shadow = ShadowChecker(self._shadow_check)
         if self.config.mode == "embedded":  # the daemon checks its own index at start-up
             threading.Thread(target=self._reconcile, name="kvshare-reconcile",
                              daemon=True).start()
@@ -136,8 +145,6 @@ class KVShareWorker:
     # ------------------------------------------------------------------ step
     def begin_step(self, meta: KVShareConnectorMetadata) -> None:
         """Before vLLM writes any block this step: finish the previous step's copies."""
-        if self.shadow is not None:
-            self.shadow.step_started()
         self._held |= meta.held_for_save
         copies, self._copies = self._copies, {}
         for req_id, (spec, copy) in copies.items():
@@ -237,7 +244,7 @@ class KVShareWorker:
 
     def _selective_fill(self, spec: LoadSpec, adapter: ModelAdapter, kv: PromptKV, rho: float,
                         missing: set[str], load: bool = True, budget: MassBudget | None = None,
-                        before_layer: Pause | None = None) -> tuple[int, int, float]:
+                        before_layer: BeforeLayer | None = None) -> tuple[int, int, float]:
         """Load, re-rotate and selectively recompute positions ``[num_computed, end)`` of
         ``kv`` through ``adapter``: the fill itself, shared by the paged fill and shadow
         checks. ``kv`` has at least ``end`` rows; with probes, the whole prompt's. Returns
@@ -261,21 +268,33 @@ class KVShareWorker:
                                 probe_from=end if self._probes else None)
         return loaded, int(result.tracked.numel()), load_seconds
 
-    def _shadow_check(self, spec: ShadowSpec, pause: Pause) -> tuple[float, float, int]:
-        """Full compute vs this fill, densely (see :mod:`kvshare.connector.shadow`); runs
-        on the checker's thread."""
-        fill, adapter = spec.fill, self._dense
+    def _shadow_check(self, spec: ShadowSpec, before_layer: BeforeLayer
+                      ) -> tuple[float, float, int]:
+        """Full compute vs this fill, densely, on the checks' own model (see
+        :mod:`kvshare.connector.shadow`); runs on the checker's thread. The first check
+        loads that model, and its duration includes the load."""
+        fill, adapter = spec.fill, self._reference_model()
         start, end, num_tokens = fill.num_computed, fill.end, len(fill.token_ids)
         compared = min(COMPARED_POSITIONS, num_tokens - end)
         reference = PromptKV.empty(adapter, num_tokens, zeroed=False)
-        full_logits = forward_positions(adapter, fill.token_ids, reference, 0, compared, pause)
+        full_logits = forward_positions(adapter, fill.token_ids, reference, 0, compared,
+                                        before_layer)
         kv = PromptKV.empty(adapter, num_tokens, zeroed=False)
         kv.keys[:, :start] = reference.keys[:, :start]  # vLLM's exact prefix hit
         kv.values[:, :start] = reference.values[:, :start]
         self._selective_fill(fill, adapter, kv, fill.rho, set(),
-                             budget=self._budget if fill.adaptive else None, before_layer=pause)
-        fill_logits = forward_positions(adapter, fill.token_ids, kv, end, compared, pause)
+                             budget=self._budget if fill.adaptive else None,
+                             before_layer=before_layer)
+        fill_logits = forward_positions(adapter, fill.token_ids, kv, end, compared, before_layer)
         return (*compare_next_tokens(full_logits, fill_logits), compared)
+
+    def _reference_model(self) -> HFDecoderAdapter:
+        if self._reference is None:
+            started = time.perf_counter()
+            self._reference = reference_adapter(self.model_dir, self.adapter.dtype)
+            logger.info("kvshare: shadow checks loaded their copy of the model from %s in "
+                        "%.1f s", self.model_dir, time.perf_counter() - started)
+        return self._reference
 
     def _load_runs(self, spec: LoadSpec, kv: PromptKV, pending: torch.Tensor,
                    missing: set[str]) -> None:
@@ -288,7 +307,7 @@ class KVShareWorker:
         runs_by_entry = defaultdict(list)
         for run in spec.runs:
             runs_by_entry[run.entry_id].append(run)
-        inv_freq = self.adapter.rope_inv_freq
+        inv_freq = self._inv_freq
         ct = self.config.chunk_tokens
         for entry_id, runs in runs_by_entry.items():
             source = spec.sources[entry_id]
@@ -353,7 +372,6 @@ class KVShareWorker:
         out, self._out = self._out, KVShareWorkerMetadata()
         if self.shadow is not None:
             out.shadows = self.shadow.take_results()
-            self.shadow.step_ended()  # vLLM's last connector call of a step
         return out if (out.stored or out.not_stored or out.loads or out.missing_entries
                        or out.shadows) else None
 

@@ -11,23 +11,17 @@ queried in one run this is exactly vLLM's own prefill, which is why ``rho = 1``
 reproduces vanilla vLLM (measured bit for bit; fp32 SDPA was 8x slower and not exact).
 
 An adapter is bound to one request at a time (:meth:`bind`): its blocks, and the first
-position it may write (positions below are vLLM's exact prefix-cache hit).
-
-:class:`DenseVLLMDecoderAdapter` runs the same modules over dense K/V with torch SDPA and
-never touches the paged cache: for computations beside vLLM's own (shadow checks).
+position it may write (positions below are vLLM's exact prefix-cache hit). Only the
+engine's thread may call it: vLLM's modules are not thread-safe (see
+:mod:`kvshare.connector.shadow`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-
 import torch
-import torch.nn.functional as F
 from vllm import _custom_ops as ops
 from vllm import envs
 
-from kvshare.kernels.partial_attention import partial_attention
 from kvshare.recompute.adapter import ModelAdapter
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
@@ -161,78 +155,3 @@ class VLLMDecoderAdapter(ModelAdapter):
         hidden, _ = self._model.model.norm(update, residual)
         return self._model.compute_logits(hidden)
 
-
-class DenseVLLMDecoderAdapter(VLLMDecoderAdapter):
-    """vLLM's modules attending over the dense K/V the engine passes; no paged cache.
-
-    Attention is torch SDPA, causal by absolute position (:func:`partial_attention` for a
-    subset of positions), so nothing is read from or written to vLLM's blocks. Its
-    numerics are SDPA's, not vLLM's kernel's: compare its outputs with its own (a fill
-    with a full compute, both dense), never with vLLM's.
-
-    vLLM's modules are not thread-safe (on CPU each linear layer's oneDNN handler caches
-    primitives per batch size): from a thread other than the engine's, pass a ``guard``
-    that excludes the engine's forward; every module call runs inside ``guard()``.
-    """
-
-    def __init__(self, model: torch.nn.Module,
-                 guard: Callable[[], AbstractContextManager[object]] = nullcontext) -> None:
-        super().__init__(model, paged=None)
-        self._guard = guard
-
-    def bind(self, block_ids: list[int], write_from: int) -> None:
-        raise TypeError("a dense adapter has no blocks to bind")
-
-    def embed(self, token_ids):
-        with self._guard():
-            return super().embed(token_ids)
-
-    def input_norm(self, layer, update, residual):
-        with self._guard():
-            return super().input_norm(layer, update, residual)
-
-    def qkv(self, layer, x):
-        with self._guard():
-            return super().qkv(layer, x)
-
-    def rope(self, q, k, positions):
-        with self._guard():
-            return super().rope(q, k, positions)
-
-    def attention(self, layer, q, q_positions, keys, values):
-        """In float32: off the request path, exactness over speed."""
-        scale = self._layers[layer].self_attn.attn.impl.scale
-        n = q.shape[0]
-        q, keys, values = q.float(), keys.float(), values.float()
-        if n != keys.shape[0]:
-            out = partial_attention(q, q_positions, keys, values, scale)
-            return out.reshape(n, -1).to(self.dtype)
-        # Positions are strictly increasing, so these are all of them: a causal prefill,
-        # where SDPA's is_causal skips the masked half.
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
-            is_causal=True, scale=scale, enable_gqa=self.num_heads != self.num_kv_heads)
-        return out[0].transpose(0, 1).reshape(n, -1).to(self.dtype)
-
-    def o_proj(self, layer, attn_out):
-        with self._guard():
-            return super().o_proj(layer, attn_out)
-
-    def post_attention_norm(self, layer, update, residual):
-        with self._guard():
-            return super().post_attention_norm(layer, update, residual)
-
-    def mlp(self, layer, x):
-        with self._guard():
-            return super().mlp(layer, x)
-
-    def logits(self, update, residual):
-        """The LM head with torch from its weight (vLLM keeps it), not vLLM's LM head
-        call: vLLM samples after the step's connector calls end, outside any guard."""
-        with self._guard():
-            hidden, _ = self._model.model.norm(update, residual)
-        lm_head, processor = self._model.lm_head, self._model.logits_processor
-        logits = F.linear(hidden, lm_head.weight[:processor.org_vocab_size])
-        if processor.soft_cap is not None:
-            logits = torch.tanh(logits / processor.soft_cap) * processor.soft_cap
-        return logits * processor.scale
