@@ -166,6 +166,9 @@ def assert_reused(response: dict[str, Any]) -> None:
     assert report["claimed"] > 0, report
     assert "reused" in report, f"the load report has no 'reused' field: {report}"
     assert report["reused"] > 0 and not report["fallback"], report
+    # The load report's quality fields travel over HTTP too.
+    assert report["gate"] == "open" and isinstance(report["shadow"], bool), report
+    assert "source_depth" in report, report
 
 
 @pytest.mark.engine
