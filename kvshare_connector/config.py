@@ -185,11 +185,11 @@ class KVShareConfig:
     requires ``--no-enable-prefix-caching`` (see docs/connector.md)."""
 
     # --- shadow checks and the quality gate ---------------------------------------------
-    shadow_sample_rate: float = 0.0
+    shadow_sample_rate: float = 0.01
     """Share of claimed requests whose fill is also compared with full compute in the
     background (a shadow check, on the prompt's last 32 positions); 0 checks none, which
-    leaves the gate open. Off by default until the dense full compute's non-finite logits
-    on some engines are explained (see connector/shadow.py)."""
+    leaves the gate open. The first check loads the checks' own copy of the model's
+    weights into the worker (see connector/shadow.py)."""
     shadow_min_top1: float = 0.75
     """A check passes when at least this share of the compared positions' most likely next
     token is full compute's ..."""
