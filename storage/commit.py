@@ -17,14 +17,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
 
 from kvshare.storage.chunk import KVChunk, KVLayout
+from kvshare.storage.index import stored_chunk_keys
 from kvshare.storage.keys import ChunkKey, chunk_spans
-from kvshare.storage.tiered_store import TieredStore
+from kvshare.storage.tiered_store import ChunkStore, TieredStore
 
 logger = logging.getLogger(__name__)
 
@@ -151,4 +153,21 @@ def entries_missing_chunks(store: TieredStore, chunk_keys: dict[str, Sequence[st
         held = dict(zip(keys, store.contains(keys)))
         missing.update(entry_id for entry_id, keys in batch
                        if not keys or not all(held[bytes.fromhex(key)] for key in keys))
+    return missing
+
+
+def lost_entries(store: ChunkStore, index_dir: Path) -> set[str]:
+    """Ids of the durable entries under ``index_dir`` whose chunks ``store`` lost.
+
+    Run at start-up by the index's owner. A failure of the check itself is logged and
+    answers "none": entries with lost chunks are then dropped when a load finds them.
+    """
+    try:
+        missing = entries_missing_chunks(store, stored_chunk_keys(index_dir))
+    except Exception:
+        logger.exception("kvshare: checking the index against the tiers failed; entries "
+                         "with lost chunks are dropped when a load finds them")
+        return set()
+    if missing:
+        logger.info("kvshare: %d index entries lost their chunks", len(missing))
     return missing

@@ -82,6 +82,20 @@ def open_real_cache(tmp_path: Path, wordllama, **overrides) -> RealCache:
                      model_fingerprint(resolve_model_dir(config.model), home))
 
 
+def add_sample_entries(cache: RealCache, tokenizer
+                       ) -> dict[str, tuple[IndexEntry, list[KVChunk]]]:
+    """acme's invoice and its edit (sharing their leading chunks), globex's invoice (its
+    own keys) and a public trip."""
+    ids = {text: tokenizer(text, add_special_tokens=False)["input_ids"]
+           for text in (INVOICE, INVOICE_EDITED, TRIP)}
+    return {
+        "acme": cache.add(INVOICE, ids[INVOICE], "acme", seed=1),
+        "acme_edit": cache.add(INVOICE_EDITED, ids[INVOICE_EDITED], "acme", seed=1),
+        "globex": cache.add(INVOICE, ids[INVOICE], "globex", seed=2),
+        "public": cache.add(TRIP, ids[TRIP], "", seed=3),
+    }
+
+
 def reopen_without_memory(cache: RealCache) -> RealCache:
     """The same home after a restart: its index and disk tier, and an empty CPU tier."""
     cache.close()

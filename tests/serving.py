@@ -97,3 +97,14 @@ def start_server(args: list[str], home: Path, env: dict[str, str] | None = None)
                                     *args], stdout=out, stderr=subprocess.STDOUT, env=full_env,
                                    start_new_session=True)
     return Server(process, f"http://127.0.0.1:{port}", home, log)
+
+
+def manifest(sender: str, changed_weight: int) -> str:
+    """About 800 tokens; two calls differ in the sender (first sentence) and one weight."""
+    lines = [f"This is {sender} from the port office. Check the shipping manifest below and "
+             "tell me which containers exceed their declared weight."]
+    for row in range(32):
+        weight = 12000 + 350 * row + (changed_weight if row == 20 else 0)
+        lines.append(f"Container C{4100 + row}: declared {weight} kg, measured "
+                     f"{weight + 40 * (row % 5) - 60} kg, destination dock {row % 9}.")
+    return "\n".join(lines)

@@ -8,9 +8,8 @@ import pytest
 from real_cache import (
     CHUNK_TOKENS,
     INVOICE,
-    INVOICE_EDITED,
     SMOLLM2_LAYOUT,
-    TRIP,
+    add_sample_entries,
     open_real_cache,
     reopen_without_memory,
 )
@@ -23,15 +22,7 @@ def cache(tmp_path, wordllama, tokenizer):
     """acme: the invoice and its edit (sharing their leading chunks); globex: the same
     invoice (its own keys); public: the trip."""
     cache = open_real_cache(tmp_path, wordllama)
-    ids = {text: tokenizer(text, add_special_tokens=False)["input_ids"]
-           for text in (INVOICE, INVOICE_EDITED, TRIP)}
-    entries = {
-        "acme": cache.add(INVOICE, ids[INVOICE], "acme", seed=1),
-        "acme_edit": cache.add(INVOICE_EDITED, ids[INVOICE_EDITED], "acme", seed=1),
-        "globex": cache.add(INVOICE, ids[INVOICE], "globex", seed=2),
-        "public": cache.add(TRIP, ids[TRIP], "", seed=3),
-    }
-    yield cache, entries
+    yield cache, add_sample_entries(cache, tokenizer)
     cache.close()
 
 

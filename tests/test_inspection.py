@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from real_cache import INVOICE, INVOICE_EDITED, TRIP, open_real_cache
+from real_cache import INVOICE, add_sample_entries, open_real_cache
 
 from kvshare.cli import main
 from kvshare.config import KVShareConfig
@@ -239,14 +239,7 @@ def real(tmp_path, wordllama, tokenizer):
     and its edit (sharing leading chunks), globex's invoice, a public trip. Flushed and
     closed, as a stopped vLLM leaves it."""
     cache = open_real_cache(tmp_path, wordllama)
-    ids = {text: tokenizer(text, add_special_tokens=False)["input_ids"]
-           for text in (INVOICE, INVOICE_EDITED, TRIP)}
-    entries = {
-        "acme": cache.add(INVOICE, ids[INVOICE], "acme", seed=1),
-        "acme_edit": cache.add(INVOICE_EDITED, ids[INVOICE_EDITED], "acme", seed=1),
-        "globex": cache.add(INVOICE, ids[INVOICE], "globex", seed=2),
-        "public": cache.add(TRIP, ids[TRIP], "", seed=3),
-    }
+    entries = add_sample_entries(cache, tokenizer)
     cache.close()
     return cache, entries, ["--config", str(cache.config_path), "inspect"]
 

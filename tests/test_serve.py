@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serving import STOP_DEADLINE_S, Server, free_port, start_server
+from serving import STOP_DEADLINE_S, Server, free_port, manifest, start_server
 
 from kvshare import serve
 from kvshare.cli import main
@@ -143,17 +143,6 @@ def complete(server: Server, prompt: str, tenant: str) -> dict[str, Any]:
     return server.post("/v1/completions", {
         "model": SMOLLM2_ALIAS, "prompt": prompt, "max_tokens": 4, "temperature": 0.0,
         "cache_salt": tenant})
-
-
-def manifest(sender: str, changed_weight: int) -> str:
-    """About 800 tokens; two calls differ in the sender (first sentence) and one weight."""
-    lines = [f"This is {sender} from the port office. Check the shipping manifest below and "
-             "tell me which containers exceed their declared weight."]
-    for row in range(32):
-        weight = 12000 + 350 * row + (changed_weight if row == 20 else 0)
-        lines.append(f"Container C{4100 + row}: declared {weight} kg, measured "
-                     f"{weight + 40 * (row % 5) - 60} kg, destination dock {row % 9}.")
-    return "\n".join(lines)
 
 
 def kvshare_report(response: dict[str, Any]) -> dict[str, Any] | None:

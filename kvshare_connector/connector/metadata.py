@@ -126,7 +126,8 @@ class ShadowResult:
     positions: int = 0
     """Prompt positions compared (the last ones, computed after the claim as vLLM does)."""
     seconds: float = 0.0
-    """Wall time of the check (full compute, fill and comparison), pauses included."""
+    """Wall time of the check (full compute, fill and comparison); the first check's
+    includes loading the checks' model."""
 
 
 @dataclass

@@ -33,7 +33,6 @@ from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass
 
 # Re-exported for the scheduler, which writes the scores.
-from kvshare.quality_scores import scores_path, write_scores  # noqa: F401
 
 
 @dataclass(frozen=True)

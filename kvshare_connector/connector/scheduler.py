@@ -73,11 +73,10 @@ from kvshare.connector.quality_gate import (
     GateSettings,
     QualityGate,
     sampled,
-    scores_path,
-    write_scores,
 )
 from kvshare.matching.claim import Claim, claimed_runs, decide_claim, kv_origin, tail_start
 from kvshare.matching.matcher import PUBLIC_SCOPE, LookupResult
+from kvshare.quality_scores import scores_path, write_scores
 from kvshare.storage.index import IndexEntry, new_entry_id
 from kvshare.storage.keys import chunk_keys
 

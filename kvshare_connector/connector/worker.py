@@ -67,8 +67,7 @@ from kvshare.recompute.hf_adapter import HFDecoderAdapter
 from kvshare.recompute.rope import rerotate_keys
 from kvshare.recompute.vllm_adapter import VLLMDecoderAdapter
 from kvshare.storage.chunk import KVLayout
-from kvshare.storage.commit import entries_missing_chunks, fetch_entry_chunks
-from kvshare.storage.index import stored_chunk_keys
+from kvshare.storage.commit import fetch_entry_chunks, lost_entries
 from kvshare.tiers_setup import open_store
 
 logger = logging.getLogger(__name__)
@@ -131,14 +130,7 @@ class KVShareWorker:
 
     def _reconcile(self) -> None:
         """Find the durable index entries whose chunks the tiers no longer hold."""
-        try:
-            missing = entries_missing_chunks(self.store, stored_chunk_keys(self.config.index_dir))
-        except Exception:
-            logger.exception("kvshare: checking the index against the tiers failed; entries "
-                             "with lost chunks are dropped when a load finds them")
-            return
-        if missing:
-            logger.info("kvshare: %d index entries lost their chunks", len(missing))
+        missing = lost_entries(self.store, self.config.index_dir)
         with self._reconciled_lock:
             self._reconciled |= missing
 

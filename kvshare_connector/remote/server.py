@@ -52,8 +52,7 @@ from kvshare.config import KVShareConfig
 from kvshare.remote import protocol as wire
 from kvshare.remote.auth import curve_keys
 from kvshare.storage.codec import ChunkCorruptError
-from kvshare.storage.commit import entries_missing_chunks
-from kvshare.storage.index import stored_chunk_keys
+from kvshare.storage.commit import lost_entries
 from kvshare.storage.keys import KEY_BYTES
 from kvshare.storage.memory_tier import SharedMemoryTier
 from kvshare.storage.tiered_store import TieredStore
@@ -457,15 +456,8 @@ class Daemon:
 
     def _drop_entries_without_chunks(self) -> None:
         """The durable index entries whose chunks the tiers no longer hold are dropped."""
-        try:
-            missing = entries_missing_chunks(self.store, stored_chunk_keys(self.config.index_dir))
-        except Exception:
-            logger.exception("kvshare daemon: checking the index against the tiers failed; "
-                             "entries with lost chunks are dropped when a load finds them")
-            return
+        missing = lost_entries(self.store, self.config.index_dir)
         if missing:
-            logger.info("kvshare daemon: dropping %d index entries whose chunks are gone",
-                        len(missing))
             self.catalog.drop(missing)
             if self.metrics is not None:
                 self.metrics.observe_eviction("missing_chunks", len(missing))

@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from remote_helpers import DaemonProcess, daemon_config, wait_until_up
-from serving import Server, free_port, start_server
+from serving import Server, free_port, manifest, start_server
 
 from kvshare.model_assets import SMOLLM2_ALIAS
 from kvshare.remote.client import DaemonClient
@@ -22,17 +22,6 @@ from kvshare.remote.client import DaemonClient
 pytestmark = pytest.mark.engine
 
 MAX_TOKENS = 4
-
-
-def manifest(sender: str, changed_weight: int) -> str:
-    """About 800 tokens; two calls differ in the sender (first sentence) and one weight."""
-    lines = [f"This is {sender} from the port office. Check the shipping manifest below and "
-             "tell me which containers exceed their declared weight."]
-    for row in range(32):
-        weight = 12000 + 350 * row + (changed_weight if row == 20 else 0)
-        lines.append(f"Container C{4100 + row}: declared {weight} kg, measured "
-                     f"{weight + 40 * (row % 5) - 60} kg, destination dock {row % 9}.")
-    return "\n".join(lines)
 
 
 def complete(server: Server, prompt: str, tenant: str) -> dict:
