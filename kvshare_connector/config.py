@@ -134,12 +134,14 @@ class KVShareConfig:
     """Expire Redis chunks after this many seconds; 0 keeps them until evicted."""
     compression: str = "zstd-byteplane"
     """Chunk payload encoding: ``raw``, ``zstd`` or ``zstd-byteplane``."""
-    disk_compression: str = "raw"
-    """The disk tier's encoding; empty means ``compression``. ``raw`` because on a local
-    disk the byte-plane encoder (0.3-0.6 GB/s on two cores) is slower than the disk:
-    ``kvshare bench storage`` measured gets at 0.91 vs 0.57 GB/s and puts at 1.11 vs 0.33
-    GB/s, raw vs zstd-byteplane. Choose ``zstd-byteplane`` when capacity matters more than
-    speed (1.46x more chunks in ``disk_bytes``) or the disk is slower than ~0.5 GB/s."""
+    disk_compression: str = "zstd-byteplane"
+    """The disk tier's encoding; empty means ``compression``. Raw moves chunks faster
+    through the tier alone (``kvshare bench storage``: gets 0.91 vs 0.57 GB/s, puts 1.11
+    vs 0.33 GB/s, raw vs zstd-byteplane), but serving pays for it: writing 1.46x more
+    bytes in the background slowed the prefill of the requests running meanwhile
+    (``kvshare bench ttft``, misses 1.14-1.18x vanilla with raw, 1.04x with
+    zstd-byteplane, this 2-core VM). ``raw`` where the disk is fast and idle cores are
+    plenty."""
     redis_compression: str = "raw"
     """The Redis tier's encoding; empty means ``compression``. ``raw`` because a localhost
     Redis moves bytes faster than the byte-plane encoder: gets at 0.91 vs 0.57 GB/s and

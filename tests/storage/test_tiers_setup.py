@@ -18,7 +18,7 @@ def test_default_like_config_builds_cpu_disk_redis_in_order(tmp_path, redis_serv
     assert cpu.stats().capacity_bytes == 1 << 20
     assert disk.root == tmp_path / "chunks" and disk.stats().capacity_bytes == 1 << 21
     assert redis_tier.ttl_s == 60
-    assert disk.codec.compression == redis_tier.codec.compression == "raw"  # the defaults
+    assert (disk.codec.compression, redis_tier.codec.compression) == ("zstd-byteplane", "raw")
     store.close()
 
 
@@ -57,10 +57,10 @@ def codec_of(encoded: bytes) -> str:
     return {0: "raw", 1: "zstd", 2: "zstd-byteplane"}[encoded[6]]
 
 
-def test_the_shipped_defaults_store_disk_and_redis_chunks_raw():
+def test_the_shipped_defaults_compress_disk_chunks_and_store_redis_chunks_raw():
     config = KVShareConfig()
     assert (config.compression, config.disk_compression, config.redis_compression) == (
-        "zstd-byteplane", "raw", "raw")
+        "zstd-byteplane", "zstd-byteplane", "raw")
     with pytest.raises(ConfigError, match="disk_compression='lz4'"):
         KVShareConfig(disk_compression="lz4")
 
