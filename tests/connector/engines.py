@@ -74,6 +74,8 @@ class Engine:
         assert not self.scheduler._saving, "a save was not answered"
 
     def entries(self, tenant: str) -> list:
-        """Index entries of ``tenant``, oldest first."""
+        """Index entries of ``tenant``, oldest first, once the catalog calls queued so far
+        (commits, drops) have run."""
+        self.scheduler.wait_for_catalog()
         return sorted((e for e in self.scheduler.catalog.index.entries() if e.scope == tenant),
                       key=lambda e: e.created_at)

@@ -194,7 +194,8 @@ def test_a_prompt_finishing_before_its_save_is_answered_keeps_its_blocks(engine,
                                                                          report_tokens):
     """The worker copies a prompt out of its blocks after the step that returns its
     first token, and stores it behind; vLLM frees a request done by then only once the
-    save is answered, and its entry is committed by then."""
+    save is answered, and its entry is on its way to the catalog by then (the catalog
+    thread commits it)."""
     llm_engine, scheduler = engine.llm.llm_engine, engine.engine_core.scheduler
     free_before = scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
     req_id = llm_engine.add_request("copy-one-token", {
