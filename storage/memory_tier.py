@@ -68,8 +68,7 @@ class MemoryTier(Tier):
         ok = []
         for chunk in chunks:
             with self._lock:
-                if chunk.key in self._chunks:
-                    self._chunks.move_to_end(chunk.key)
+                if self._touch(chunk.key):
                     ok.append(True)
                     continue
             if chunk.nbytes > self.capacity_bytes:
@@ -87,6 +86,14 @@ class MemoryTier(Tier):
                     self._stats.chunks += 1
             ok.append(True)
         return ok
+
+    def _touch(self, key: ChunkKey) -> bool:
+        """Mark a held chunk most recently used; False if it is not held. Caller holds
+        the lock."""
+        if key not in self._chunks:
+            return False
+        self._chunks.move_to_end(key)
+        return True
 
     def _evict_to_fit(self, nbytes: int) -> None:
         """Drop LRU chunks until ``nbytes`` more fit. Caller holds the lock."""
@@ -199,8 +206,7 @@ class SharedMemoryTier(MemoryTier):
         ok = []
         for chunk in chunks:
             with self._lock:
-                if chunk.key in self._chunks:
-                    self._chunks.move_to_end(chunk.key)
+                if self._touch(chunk.key):
                     ok.append(True)
                     continue
                 offset = self._make_room(chunk.nbytes)
