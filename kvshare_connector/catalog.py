@@ -153,7 +153,8 @@ class LocalCatalog:
         self.index.record_hits(entry_ids)
 
     def report_load(self, outcome: LoadOutcome) -> None:
-        pass  # the daemon's subclass counts these; an embedded catalog has no metrics
+        """Nothing to do here: the daemon counts the reports it relays in its metrics,
+        and an embedded connector's counts go through vLLM's connector stats."""
 
     def close(self) -> None:
         self._writes.shutdown(wait=True)
