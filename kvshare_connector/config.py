@@ -208,6 +208,22 @@ class KVShareConfig:
     gate_reopen_checks: int = 3
     """Consecutive passing checks (of the claims it withholds) that reopen a stopped gate."""
 
+    # --- decode correction (docs/decode-correction.md) -----------------------------------
+    decode_correction: bool = False
+    """Recompute, once per reused request while it decodes, the reused and not recomputed
+    tokens that the new token's attention and the fill's deviation rank highest. Off until
+    ``kvshare bench decode`` shows its targets met; a request's ``kvshare_decode_correction``
+    extra arg (0/1) overrides it. Requests without reused tokens are never corrected."""
+    decode_correction_share: float = 0.15
+    """Tokens a correction recomputes, as a share of the fill's reused tokens (DHD's base
+    for ``rho``)."""
+    decode_correction_step: int = 1
+    """The generated token whose queries score the candidates: 1 = the first; the
+    correction runs before vLLM's forward of that token."""
+    decode_correction_max_tokens_per_step: int = 256
+    """Tokens all corrections of one engine step may recompute together; requests past it
+    wait for a later step."""
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -315,6 +331,13 @@ class KVShareConfig:
                  self.gate_min_checks, f"in [1, gate_window ({self.gate_window})]")
         _require(self.gate_reopen_checks >= 1, "gate_reopen_checks", self.gate_reopen_checks,
                  ">= 1")
+        _require(0.0 < self.decode_correction_share <= 1.0, "decode_correction_share",
+                 self.decode_correction_share, "in (0, 1]")
+        _require(self.decode_correction_step >= 1, "decode_correction_step",
+                 self.decode_correction_step, ">= 1")
+        _require(self.decode_correction_max_tokens_per_step >= 1,
+                 "decode_correction_max_tokens_per_step",
+                 self.decode_correction_max_tokens_per_step, ">= 1")
 
     # ------------------------------------------------------------------------------
     @classmethod
