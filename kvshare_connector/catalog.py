@@ -15,6 +15,7 @@ One writer per index directory: the LocalCatalog that opened it. LanceDB writes
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import Protocol
 from kvshare.config import KVShareConfig
 from kvshare.matching.embedder import Embedder, make_embedder
 from kvshare.matching.matcher import LookupResult, Matcher
-from kvshare.storage.index import EntryIndex, IndexEntry
+from kvshare.storage.index import EntryIndex, IndexDamagedError, IndexEntry
 from kvshare.tenancy import TenancyPolicy, TenantQuotas
 
 logger = logging.getLogger(__name__)
@@ -88,10 +89,7 @@ class LocalCatalog:
         self.read_only = read_only
         self.embedder = embedder or make_embedder(config.embedder, config.embed_max_chars,
                                                   cache_dir=config.home_dir / "wordllama")
-        self.index = EntryIndex(config.index_dir, self.embedder.dim,
-                                ann_min_rows=config.ann_index_min_rows,
-                                flush_rows=config.index_flush_rows,
-                                max_entries=config.index_max_entries, auto_flush=False)
+        self.index = self._open_index()
         self.policy = TenancyPolicy.from_config(config, state_dir=self.index.path)
         self.quotas = TenantQuotas.from_config(config, state_dir=self.index.path)
         present = self.index.entries()
@@ -107,6 +105,30 @@ class LocalCatalog:
         self._flushes = 0
         if self.index.needs_flush and not read_only:  # e.g. a large partition to index
             self._queue_flush()
+
+    def _open_index(self) -> EntryIndex:
+        """The index, or, where LanceDB cannot read it, a new empty one beside the damaged
+        directory, which is moved aside whole (``<index_dir>.damaged-<UTC time>``) for
+        inspection, never deleted: a damaged index costs the entries it held (their
+        prompts are computed again and stored anew), never a server that does not start.
+        ``read_only`` callers change nothing and get the error."""
+        def open_index() -> EntryIndex:
+            return EntryIndex(self.config.index_dir, self.embedder.dim,
+                              ann_min_rows=self.config.ann_index_min_rows,
+                              flush_rows=self.config.index_flush_rows,
+                              max_entries=self.config.index_max_entries, auto_flush=False)
+
+        try:
+            return open_index()
+        except IndexDamagedError as exc:
+            if self.read_only:
+                raise
+            aside = exc.path.with_name(
+                f"{exc.path.name}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+            exc.path.rename(aside)
+            logger.error("kvshare: %s; moved it to %s and started an empty index (its "
+                         "entries' prompts are computed and stored again)", exc, aside)
+            return open_index()
 
     def matcher(self, model_id: str) -> Matcher:
         matcher = self._matchers.get(model_id)

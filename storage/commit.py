@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from kvshare.storage.chunk import KVChunk, KVLayout
-from kvshare.storage.index import stored_chunk_keys
+from kvshare.storage.index import IndexDamagedError, stored_chunk_keys
 from kvshare.storage.keys import ChunkKey, chunk_spans
 from kvshare.storage.tiered_store import ChunkStore, TieredStore
 
@@ -159,15 +159,32 @@ def entries_missing_chunks(store: TieredStore, chunk_keys: dict[str, Sequence[st
 def lost_entries(store: ChunkStore, index_dir: Path) -> set[str]:
     """Ids of the durable entries under ``index_dir`` whose chunks ``store`` lost.
 
-    Run at start-up by the index's owner. A failure of the check itself is logged and
-    answers "none": entries with lost chunks are then dropped when a load finds them.
+    Run at start-up by the index's owner. A failure of the check itself answers "none"
+    (entries with lost chunks are then dropped when a load finds them), and so does a
+    tier failing during the check (Redis down at start-up): its chunks may be back with
+    it, so "not found" proves nothing then. A damaged index is the business of whoever
+    opens it for writing (it moves the directory aside and says so), not of this check.
     """
+    errors_before = _tier_errors(store)
     try:
         missing = entries_missing_chunks(store, stored_chunk_keys(index_dir))
+    except IndexDamagedError as exc:
+        logger.debug("kvshare: no start-up check of the index against the tiers: %s", exc)
+        return set()
     except Exception:
         logger.exception("kvshare: checking the index against the tiers failed; entries "
                          "with lost chunks are dropped when a load finds them")
         return set()
+    if missing and _tier_errors(store) != errors_before:
+        logger.warning("kvshare: a tier failed while the index was checked against the "
+                       "tiers; keeping the %d entries it did not find", len(missing))
+        return set()
     if missing:
-        logger.info("kvshare: %d index entries lost their chunks", len(missing))
+        logger.warning("kvshare: %d index entries lost their chunks since the index was "
+                       "written; dropping them", len(missing))
     return missing
+
+
+def _tier_errors(store: ChunkStore) -> int:
+    """Backend failures counted by all of ``store``'s tiers so far."""
+    return sum(stats.errors for stats in store.stats().values())

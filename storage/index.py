@@ -104,6 +104,21 @@ def new_entry_id() -> str:
     return uuid.uuid4().hex
 
 
+class IndexDamagedError(RuntimeError):
+    """LanceDB cannot read the index directory (a truncated or missing data file, a
+    garbled manifest). Raised instead of LanceDB's own error so that the index's owner can
+    set the directory aside and start empty (``kvshare.catalog``): damaged index files
+    cost cache misses, never a server that does not start."""
+
+    def __init__(self, path: Path, cause: BaseException) -> None:
+        super().__init__(f"index at {path} is damaged: {cause}")
+        self.path = path
+
+
+_LANCE_READ_ERRORS = (RuntimeError, OSError)
+"""What LanceDB raises on files it cannot read (its Rust errors arrive as RuntimeError)."""
+
+
 @dataclass
 class IndexEntry:
     """One stored prompt. Its arrays are never written in place: entries loaded from disk
@@ -242,9 +257,12 @@ class EntryIndex:
         self._pending_upserts: dict[str, IndexEntry] = {}
         self._pending_deletes: set[str] = set()
         self.path.mkdir(parents=True, exist_ok=True)
-        self._db = lancedb.connect(str(self.path))
-        self._table = self._open_table()
-        self._load()
+        try:
+            self._db = lancedb.connect(str(self.path))
+            self._table = self._open_table()
+            self._load()
+        except _LANCE_READ_ERRORS as exc:
+            raise IndexDamagedError(self.path, exc) from exc
 
     # ----------------------------------------------------------------- public API
     def __len__(self) -> int:
@@ -677,16 +695,20 @@ def stored_chunk_keys(path: str | Path) -> dict[str, list[str]]:
 
     Reads two columns of the LanceDB table without building the mirror and never writes,
     so a process that holds chunks but not the index (the connector's worker) can check
-    them beside the index's writer. An index that was never written reads as empty.
+    them beside the index's writer. An index that was never written reads as empty; one
+    LanceDB cannot read raises :class:`IndexDamagedError`.
     """
     import lancedb
 
     if not Path(path).is_dir():
         return {}
-    db = lancedb.connect(str(path))
-    if TABLE_NAME not in db.list_tables().tables:
-        return {}
-    table = db.open_table(TABLE_NAME).to_arrow().select(["entry_id", "chunk_keys"])
+    try:
+        db = lancedb.connect(str(path))
+        if TABLE_NAME not in db.list_tables().tables:
+            return {}
+        table = db.open_table(TABLE_NAME).to_arrow().select(["entry_id", "chunk_keys"])
+    except _LANCE_READ_ERRORS as exc:
+        raise IndexDamagedError(Path(path), exc) from exc
     return dict(zip(table.column("entry_id").to_pylist(), table.column("chunk_keys").to_pylist()))
 
 
