@@ -278,10 +278,15 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _set_mtime(path: Path, stamp_ns: int) -> None:
+    """Best effort: recency only orders evictions after a restart. A file deleted
+    meanwhile needs none, and a disk that refuses the stamp (remounted read-only) must
+    still serve the chunk just read or written."""
     try:
         os.utime(path, ns=(stamp_ns, stamp_ns))
-    except FileNotFoundError:  # evicted or deleted meanwhile; recency no longer matters
+    except FileNotFoundError:
         pass
+    except OSError as exc:
+        logger.debug("kvshare: no recency stamp on %s: %s", path, exc)
 
 
 def _unlink(path: Path) -> None:
