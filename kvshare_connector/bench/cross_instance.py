@@ -27,31 +27,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from kvshare.bench.engine_config import add_config_arguments
+from kvshare.bench.servers import (
+    DaemonProcess,
+    Server,
+    free_port,
+    link_model,
+    load_report,
+    serve_options,
+)
 from kvshare.bench.workload import add_prompt_length_arguments, check_prompt_lengths
 from kvshare.connector.scheduler import STORE_ARG
 
 MAX_TOKENS = 2
 """The load report reaches the response only when the request outlives its load step."""
-START_DEADLINE_S = 900.0
 TTFT_METRIC = "vllm:time_to_first_token_seconds_sum"
 QUIET_S = 0.5
 """Idle time before each measured request."""
 COMMIT_WAIT_S = 5.0
 """After each request, wait up to this long for its entry to reach the daemon's index."""
-SERVED_MODEL = "smollm2-135m-instruct"
-"""The name ``kvshare serve`` gives the SmolLM2 alias in vLLM's API."""
 
 EPILOG = """\
 local: measured on server A, which stored every entry
@@ -92,74 +93,17 @@ class Served:
         return self.claimed > 0 and self.loaded >= hit_found * self.prompt_tokens
 
 
-class Server:
-    """A ``kvshare serve`` subprocess and what the benchmark asks of it."""
-
-    def __init__(self, name: str, port: int, args: list[str], log: Path) -> None:
-        self.name = name
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = log
-        with log.open("w") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "kvshare.cli", "serve", *args, "--port", str(port)],
-                stdout=out, stderr=subprocess.STDOUT, env=_environment(),
-                start_new_session=True)
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_DEADLINE_S
-        while "kvshare serve: ready on" not in self.log.read_text(errors="replace"):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                tail = self.log.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"server {self.name} did not start:\n{tail}")
-            time.sleep(1.0)  # polling a condition with a deadline
-
-    def ttft_sum(self) -> float:
-        with urllib.request.urlopen(self.url + "/metrics", timeout=60) as response:
-            for line in response.read().decode().splitlines():
-                if line.startswith(TTFT_METRIC):
-                    return float(line.rsplit(" ", 1)[1])
-        raise RuntimeError(f"server {self.name} exports no {TTFT_METRIC}")
-
-    def complete(self, token_ids: list[int], tenant: str, store: bool) -> dict[str, Any]:
-        body = json.dumps({"model": SERVED_MODEL, "prompt": token_ids,
-                           "max_tokens": MAX_TOKENS, "temperature": 0.0,
-                           "cache_salt": tenant,
-                           "vllm_xargs": {STORE_ARG: int(store)}}).encode()
-        request = urllib.request.Request(self.url + "/v1/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=600) as response:
-            return json.loads(response.read())
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=120)
-
-
-def _environment() -> dict[str, str]:
-    """No ``KVSHARE_<KEY>`` variable: the servers' config is what this benchmark passes."""
-    return {name: value for name, value in os.environ.items()
-            if not name.startswith("KVSHARE_") or name == "KVSHARE_HOME"}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def indexed_entries(client) -> int:
     return int(client.stats().index["entries"])
 
 
 def measure(server: Server, prompt: int, condition: str, token_ids: list[int]) -> Served:
     """One measured request; it reuses but is not stored."""
-    before = server.ttft_sum()
-    response = server.complete(token_ids, condition, store=False)
-    ttft = server.ttft_sum() - before
-    report = (response.get("kv_transfer_params") or {}).get("kvshare") or {}
+    before = server.metric(TTFT_METRIC)
+    response = server.complete(token_ids, condition, max_tokens=MAX_TOKENS,
+                               xargs={STORE_ARG: 0})
+    ttft = server.metric(TTFT_METRIC) - before
+    report = load_report(response)
     return Served(prompt, condition, server.name, len(token_ids), ttft,
                   report.get("loaded", 0), report.get("reused", 0), report.get("claimed", 0))
 
@@ -168,7 +112,7 @@ def store(server: Server, client, tenant: str, token_ids: list[int]) -> float | 
     """Serve the prompt to store it; seconds until its entry is indexed (None: it was not
     within ``COMMIT_WAIT_S``, e.g. an approximation deeper than the config stores)."""
     entries = indexed_entries(client)
-    server.complete(token_ids, tenant, store=True)
+    server.complete(token_ids, tenant, max_tokens=MAX_TOKENS, xargs={STORE_ARG: 1})
     answered = time.perf_counter()
     while time.perf_counter() - answered < COMMIT_WAIT_S:
         if indexed_entries(client) > entries:
@@ -210,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     from kvshare.bench.engine_config import base_config, parse_sets
     from kvshare.bench.ttft import long_prompts
     from kvshare.model_assets import SMOLLM2_ALIAS, resolve_model_dir
-    from kvshare.remote.client import DaemonClient, DaemonUnavailable
+    from kvshare.remote.client import DaemonClient
 
     if args.requests < 2:
         raise SystemExit(f"--requests must be >= 2, got {args.requests}")
@@ -228,34 +172,22 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="kvshare-cross-") as scratch:
         root = Path(scratch)
         address = f"ipc://{root / 'daemon.sock'}"
-        daemon_log = (root / "daemon.log").open("w")
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "kvshare.cli", "daemon", "--home", str(root / "daemon"),
-             "--address", address], stdout=daemon_log, stderr=subprocess.STDOUT,
-            env={**_environment(), "KVSHARE_METRICS_PORT": "0"})
+        daemon = DaemonProcess(root / "daemon", address, root / "daemon.log",
+                               env={"KVSHARE_METRICS_PORT": "0"})
         sets = {**parse_sets(args.sets), "mode": "remote", "daemon_address": address}
         common = [SMOLLM2_ALIAS, "--host", "127.0.0.1", "--enforce-eager",
                   "--max-model-len", str(max(2048, longest + 64)),
                   "--max-num-batched-tokens", str(longest),
                   "--kv-cache-memory-bytes", str(1 << 30)]
         servers: list[Server] = []
+        client = DaemonClient(address, timeout_ms=10_000)
         try:
-            client = DaemonClient(address, timeout_ms=10_000)
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    client.ping(timeout_ms=500)
-                    break
-                except DaemonUnavailable:
-                    if daemon.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError("the daemon did not start") from None
+            daemon.wait_ready(client)
             for name in ("a", "b"):
                 home = root / f"server-{name}"
-                (home / "models").mkdir(parents=True)  # the converted model, not again
-                (home / "models" / SMOLLM2_ALIAS).symlink_to(model_dir)
-                options = [arg for key, value in {**sets, "home": str(home)}.items()
-                           for arg in ("--kvshare-set", f"{key}={value}")]
-                servers.append(Server(name, _free_port(), common + options, home / "serve.log"))
+                link_model(home, SMOLLM2_ALIAS, model_dir)
+                options = serve_options({**sets, "home": str(home)})
+                servers.append(Server(name, free_port(), common + options, home / "serve.log"))
             for server in servers:
                 server.wait_ready()
             a, b = servers
@@ -278,9 +210,7 @@ def run(args: argparse.Namespace) -> int:
             client.close()
             for server in servers:
                 server.stop()
-            daemon.terminate()
-            daemon.wait(timeout=120)
-            daemon_log.close()
+            daemon.stop()
     summary = summarize(served, lags, args.hit_found)
     summary.update(wall_s=time.perf_counter() - started, hit_found=args.hit_found,
                    config_overrides=parse_sets(args.sets), requests=[asdict(s) for s in served])
