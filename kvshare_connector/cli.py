@@ -38,6 +38,9 @@ _COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
      "decode-time corrections"),
     (("bench", "cross-instance"), "kvshare.bench.cross_instance",
      "two vLLM servers on one daemon: TTFT of hits on the other server's KV vs local hits"),
+    (("bench", "soak"), "kvshare.bench.soak",
+     "two vLLM servers on one daemon under sustained traffic and eviction: RSS, fds, caps, "
+     "hit rate over time, answers vs full compute"),
     (("bench", "gpu"), "kvshare.bench.gpu",
      "selective recompute on one GPU (Llama-3-8B shape): TTFT vs full prefill and floors"),
     (("daemon",), "kvshare.daemon",
