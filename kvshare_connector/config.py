@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from kvshare.storage.redis_url import SERVER_SCHEMES, URL_FORMS, is_cluster_url, parse_cluster_url
+
 ENV_PREFIX = "KVSHARE_"
 CONFIG_ENV = "KVSHARE_CONFIG"
 
@@ -129,7 +131,9 @@ class KVShareConfig:
     disk_bytes: int = 20 << 30
     """Byte capacity of the disk tier (LRU)."""
     redis_url: str = ""
-    """``redis://host:port/db`` enables the Redis tier; empty disables it."""
+    """``redis://host:port/db`` (or ``unix://path``) enables the Redis tier on one server,
+    ``redis+cluster://host:port[,host:port...]`` on a Redis Cluster (the nodes listed are
+    where the client starts: it finds every master from them); empty disables it."""
     redis_ttl_s: int = 0
     """Expire Redis chunks after this many seconds; 0 keeps them until evicted."""
     compression: str = "zstd-byteplane"
@@ -318,8 +322,7 @@ class KVShareConfig:
                  ">= 1")
         _require(all(layer >= 0 for layer in self.check_layers), "check_layers",
                  self.check_layers, "a list of layer indices >= 0")
-        _require(self.redis_url == "" or self.redis_url.startswith(("redis://", "unix://")),
-                 "redis_url", self.redis_url, "empty or a redis:// or unix:// URL")
+        _check_redis_url(self.redis_url)
         _require(0.0 <= self.shadow_sample_rate <= 1.0, "shadow_sample_rate",
                  self.shadow_sample_rate, "in [0, 1]")
         _require(0.0 <= self.shadow_min_top1 <= 1.0, "shadow_min_top1", self.shadow_min_top1,
@@ -372,6 +375,17 @@ class KVShareConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_redis_url(url: str) -> None:
+    """``redis_url`` is empty, one server's URL or a well-formed cluster URL."""
+    if is_cluster_url(url):
+        try:
+            parse_cluster_url(url)
+        except ValueError as exc:
+            raise ConfigError(f"kvshare config redis_url is invalid: {exc}") from None
+        return
+    _require(url == "" or url.startswith(SERVER_SCHEMES), "redis_url", url, URL_FORMS)
 
 
 def _require(ok: bool, key: str, value: Any, expected: str) -> None:
