@@ -212,6 +212,15 @@ class KVShareConfig:
     gate_reopen_checks: int = 3
     """Consecutive passing checks (of the claims it withholds) that reopen a stopped gate."""
 
+    # --- cache-aware scheduler (``--scheduler-cls kvshare.scheduler.CacheAwareScheduler``)
+    scheduler_max_extra_wait_s: float = 2.0
+    """A waiting request that has waited this long is overtaken by no later arrival: from
+    then on it is served first come, first served. 0 makes the scheduler FCFS."""
+    scheduler_lookup_wait_s: float = 0.2
+    """A request whose lookup still runs ranks as a miss; ranked first, it holds admission
+    of the requests behind it until its lookup is done, at most this long after arrival
+    (a lookup takes 2-10 ms on an idle host, longer beside busy engine threads)."""
+
     # --- decode correction (docs/decode-correction.md) -----------------------------------
     decode_correction: bool = False
     """Recompute, once per reused request while it decodes, the reused and not recomputed
@@ -334,6 +343,8 @@ class KVShareConfig:
                  self.gate_min_checks, f"in [1, gate_window ({self.gate_window})]")
         _require(self.gate_reopen_checks >= 1, "gate_reopen_checks", self.gate_reopen_checks,
                  ">= 1")
+        for key in ("scheduler_max_extra_wait_s", "scheduler_lookup_wait_s"):
+            _require(getattr(self, key) >= 0.0, key, getattr(self, key), "seconds >= 0")
         _require(0.0 < self.decode_correction_share <= 1.0, "decode_correction_share",
                  self.decode_correction_share, "in (0, 1]")
         _require(self.decode_correction_step >= 1, "decode_correction_step",

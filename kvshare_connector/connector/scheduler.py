@@ -593,6 +593,32 @@ class KVShareScheduler:
             report.update(state.report.as_dict())
         return {"kvshare": report}
 
+    # ------------------------------------------------------------------ scheduling hints
+    def prefetch(self, request: Request) -> None:
+        """Start the request's lookup now, on arrival, rather than when vLLM first asks for
+        its claim (for :class:`kvshare.scheduler.CacheAwareScheduler`, which ranks waiting
+        requests by what their lookups found)."""
+        try:
+            self._lookup_ready(self._state_of(request))
+        except Exception:
+            logger.exception("kvshare: lookup of %s could not start", request.request_id)
+
+    def expected_claim(self, request: Request) -> Claim | None:
+        """The claim kvshare would make for the request without a vLLM prefix hit, or None
+        while its lookup runs. No claim (``num_claimed == 0``) when the lookup found nothing
+        worth claiming, failed, or the quality gate withholds the request's scope."""
+        state = self._requests.get(request.request_id)
+        if state is None:
+            return None
+        try:
+            if not self._lookup_ready(state):
+                return None
+        except Exception:  # the claim query logs it and claims nothing
+            return Claim(0, 0, 0)
+        if state.result is None or not self.gate.is_open(state.tenant):
+            return Claim(0, 0, 0)
+        return decide_claim(state.result.plan, 0, self.config)
+
     # ------------------------------------------------------------------ catalog calls
     def _commit_entries(self, entries: list[IndexEntry]) -> None:
         try:
