@@ -27,10 +27,21 @@ CONFIG_ENV = "KVSHARE_CONFIG"
 
 CODECS = ("raw", "zstd", "zstd-byteplane")
 """Chunk payload encodings (``kvshare.storage.codec``)."""
+MAX_INT64 = (1 << 63) - 1
+"""The largest value of any integer key (about 9.2 EB): byte counts go to C calls, numpy
+and msgpack as signed 64-bit integers."""
+MIN_MESSAGE_BYTES = 1 << 20
+"""The smallest ``daemon_max_message_bytes``: a lookup's header alone may take hundreds of
+KB (the prompt's text and token ids)."""
 
 
 class ConfigError(ValueError):
     """A config key is unknown or its value is invalid; the message names the key."""
+
+
+def host_memory_bytes() -> int:
+    """Physical memory of this host, in bytes (the ceiling of the CPU tier)."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def default_home() -> Path:
@@ -82,6 +93,11 @@ class KVShareConfig:
     """A daemon call not answered within this is given up (the request claims nothing)."""
     daemon_threads: int = 2
     """Daemon threads serving calls."""
+    daemon_max_message_bytes: int = 256 << 20
+    """Largest message part (ZeroMQ frame) the daemon accepts; ZeroMQ disconnects a peer
+    that sends a larger one before the daemon reads it. The largest legitimate part is one
+    chunk's KV, ``chunk_tokens`` x the model's KV bytes per token: 5.9 MB for SmolLM2-135M
+    and 84 MB for a 70B Llama (80 layers, 8 KV heads of 128, bf16) at 256 tokens."""
     metrics_port: int = 9401
     """The daemon's Prometheus ``/metrics`` port on 127.0.0.1; 0 disables it."""
     metrics_max_tenants: int = 32
@@ -262,6 +278,10 @@ class KVShareConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first out-of-range value."""
+        for key, value in dataclasses.asdict(self).items():
+            _require(isinstance(value, bool) or not isinstance(value, int)
+                     or abs(value) <= MAX_INT64, key, value,
+                     f"a 64-bit integer, at most {MAX_INT64}")
         _require(self.top_k >= 1, "top_k", self.top_k, "an integer >= 1")
         _require(self.embed_max_chars >= 16, "embed_max_chars", self.embed_max_chars, ">= 16")
         _require(self.ann_index_min_rows >= 256, "ann_index_min_rows",
@@ -276,6 +296,9 @@ class KVShareConfig:
         _require(self.chunk_tokens >= 1, "chunk_tokens", self.chunk_tokens, ">= 1")
         _require(self.min_store_tokens >= 1, "min_store_tokens", self.min_store_tokens, ">= 1")
         _require(self.cpu_bytes >= 0, "cpu_bytes", self.cpu_bytes, ">= 0")
+        _require(self.cpu_bytes <= host_memory_bytes(), "cpu_bytes", self.cpu_bytes,
+                 f"at most this host's memory ({host_memory_bytes() / (1 << 30):.1f} GiB): "
+                 "the CPU tier holds its chunks in RAM (0 turns it off)")
         _require(self.disk_bytes >= 0, "disk_bytes", self.disk_bytes, ">= 0")
         _require(self.redis_ttl_s >= 0, "redis_ttl_s", self.redis_ttl_s, ">= 0")
         for key in ("compression", "disk_compression", "redis_compression"):
@@ -302,6 +325,10 @@ class KVShareConfig:
         _require(self.daemon_timeout_ms >= 1, "daemon_timeout_ms", self.daemon_timeout_ms,
                  ">= 1")
         _require(self.daemon_threads >= 1, "daemon_threads", self.daemon_threads, ">= 1")
+        _require(MIN_MESSAGE_BYTES <= self.daemon_max_message_bytes <= MAX_INT64,
+                 "daemon_max_message_bytes", self.daemon_max_message_bytes,
+                 f"in [{MIN_MESSAGE_BYTES}, {MAX_INT64}] (a lookup's header alone may take "
+                 "hundreds of KB)")
         _require(0 <= self.metrics_port <= 65535, "metrics_port", self.metrics_port,
                  "a port in [0, 65535] (0 disables)")
         _require(self.metrics_max_tenants >= 0, "metrics_max_tenants",

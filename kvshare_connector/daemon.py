@@ -12,7 +12,7 @@ import logging
 import signal
 import threading
 
-from kvshare.config import KVShareConfig
+from kvshare.config import ConfigError, KVShareConfig
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,10 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = {key: value for key, value in (("home", args.home),
                                                ("daemon_address", args.address)) if value}
-    config = KVShareConfig.load(args.config, overrides)
+    try:
+        config = KVShareConfig.load(args.config, overrides)
+    except ConfigError as exc:  # the message names the key; a traceback would bury it
+        raise SystemExit(f"kvshare daemon: {exc}") from None
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

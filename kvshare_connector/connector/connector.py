@@ -26,7 +26,7 @@ from kvshare.connector.stats import KVShareConnectorStats, KVSharePromMetrics
 from kvshare.model_identity import local_model_dir, model_fingerprint
 
 if TYPE_CHECKING:
-    from vllm.config import VllmConfig
+    from vllm.config import ModelConfig, VllmConfig
     from vllm.distributed.kv_transfer.kv_connector.v1.metrics import PromMetric, PromMetricT
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
@@ -70,6 +70,24 @@ def check_vllm_config(config: KVShareConfig, vllm_config: VllmConfig) -> None:
             vllm_config.kv_transfer_config.kv_load_failure_policy)
 
 
+def check_model_architecture(model_config: ModelConfig) -> None:
+    """Refuse, at start-up, a model whose KV kvshare cannot recompute (rather than fail at
+    the worker's first hook); the error names its architecture. What counts is the model
+    class vLLM loads for it: several architectures run as one class."""
+    from vllm.model_executor.models.registry import ModelRegistry
+
+    from kvshare.recompute.vllm_adapter import SUPPORTED_ARCHITECTURES
+
+    architecture = model_config.architecture
+    model_class = getattr(ModelRegistry.models.get(architecture), "class_name", architecture)
+    if model_class not in SUPPORTED_ARCHITECTURES:
+        raise ConfigError(
+            f"kvshare cannot reuse the KV of a {architecture} model (vLLM model class "
+            f"{model_class}): its selective recompute supports "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}; serve this model without the kvshare "
+            "connector")
+
+
 def kv_bytes_per_token(vllm_config: VllmConfig) -> int:
     """Bytes of K and V one prompt token holds over all layers (what a stored token costs)."""
     model, parallel = vllm_config.model_config, vllm_config.parallel_config
@@ -86,6 +104,7 @@ class KVShareConnector(KVConnectorBase_V1):
         config = load_config(vllm_config)
         check_vllm_config(config, vllm_config)
         model_config = vllm_config.model_config
+        check_model_architecture(model_config)
         model_dir = local_model_dir(model_config.model, model_config.revision)
         model_id = model_fingerprint(model_dir, config.home_dir)
         self._scheduler = self._worker = None

@@ -240,6 +240,9 @@ class DaemonServer:
         """Bind and start serving; raises :class:`DaemonStartError` when it cannot."""
         frontend = self._ctx.socket(zmq.ROUTER)
         frontend.setsockopt(zmq.LINGER, REPLY_LINGER_MS)
+        # ZeroMQ drops the connection of a peer whose frame exceeds this before buffering
+        # it: a forged length cannot make the daemon allocate what the peer claims.
+        frontend.setsockopt(zmq.MAXMSGSIZE, self.config.daemon_max_message_bytes)
         try:
             self._bind(frontend)
         except BaseException:
@@ -305,7 +308,11 @@ class DaemonServer:
                 if not poller.poll(POLL_MS):
                     continue
                 frames = sock.recv_multipart(copy=False)
-                reply = self._serve(frames)
+                try:
+                    reply = self._serve(frames)
+                except Exception:  # a worker must outlive any message; the next one waits
+                    logger.exception("kvshare daemon: dropped a message that failed to serve")
+                    continue
                 if reply is not None:
                     sock.send_multipart(reply, copy=False)
         finally:
@@ -319,13 +326,15 @@ class DaemonServer:
         identity, header, payloads = frames[0], frames[1].buffer, frames[2:]
         try:
             envelope = wire.ENVELOPE_DECODER.decode(header)
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+        except Exception as exc:  # forged input raises whatever its hooks raise (TypeError...)
             return self._undecodable(identity, header, exc)
         if envelope.version != wire.PROTOCOL_VERSION:
-            return self._reply(identity, envelope.request_id, _version_error(envelope.version))
+            return self._refuse(identity, envelope.request_id, _version_error(envelope.version))
         try:
             handled = self.service.handle(envelope.call, payloads)
             result = msgspec.Raw(wire.ENCODER.encode(handled.result))
+        except (ValueError, TypeError, PermissionError) as exc:  # the call's own arguments
+            return self._refuse(identity, envelope.request_id, f"{type(exc).__name__}: {exc}")
         except Exception as exc:
             logger.exception("kvshare daemon: %s failed", type(envelope.call).__name__)
             return self._reply(identity, envelope.request_id, f"{type(exc).__name__}: {exc}")
@@ -340,8 +349,14 @@ class DaemonServer:
             logger.warning("kvshare daemon: dropped an unreadable request: %s", exc)
             return None
         if preamble.version != wire.PROTOCOL_VERSION:
-            return self._reply(identity, preamble.request_id, _version_error(preamble.version))
-        return self._reply(identity, preamble.request_id, f"bad request: {exc}")
+            return self._refuse(identity, preamble.request_id, _version_error(preamble.version))
+        return self._refuse(identity, preamble.request_id,
+                            f"bad request: {type(exc).__name__}: {exc}")
+
+    def _refuse(self, identity: zmq.Frame, request_id: int, error: str) -> list:
+        """The error reply to a request the daemon will not run, logged in one line."""
+        logger.warning("kvshare daemon: refused request %d: %s", request_id, error)
+        return self._reply(identity, request_id, error)
 
     @staticmethod
     def _reply(identity: zmq.Frame, request_id: int, error: str) -> list:
