@@ -71,6 +71,8 @@ examples:
   kvshare serve ~/models/Qwen2.5-0.5B-Instruct --max-model-len 4096 \\
       --kvshare-set rho=0.2 --kvshare-set redis_url=redis://127.0.0.1:6379/0
   kvshare serve smollm2-135m-instruct --kvshare-config kvshare.yaml --enforce-eager
+  kvshare serve smollm2-135m-instruct \\
+      --scheduler-cls kvshare.scheduler.CacheAwareScheduler  # cheapest waiting requests first
 
   curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' -d \\
     '{"model": "smollm2-135m-instruct", "prompt": "...", "max_tokens": 32,
