@@ -36,6 +36,9 @@ _COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("bench", "decode-drift"), "kvshare.bench.decode_drift",
      "attention on reused tokens at prefill vs decode, per layer and step; simulated "
      "decode-time corrections"),
+    (("bench", "decode"), "kvshare.bench.decode",
+     "the decode correction on vLLM: time per output token and quality over 256 tokens, "
+     "with and without it"),
     (("bench", "cross-instance"), "kvshare.bench.cross_instance",
      "two vLLM servers on one daemon: TTFT of hits on the other server's KV vs local hits"),
     (("bench", "soak"), "kvshare.bench.soak",

@@ -61,6 +61,13 @@ class LoadSpec:
     adaptive: bool = False
     """The config's adaptive budget (``rho_mass``) replaces ``rho``: set, and not
     overridden by the request."""
+    decode_correction: bool = False
+    """Keep what a decode correction needs from this fill (the reused, not recomputed
+    tokens and their deviation; see :mod:`kvshare.connector.decode_correction`)."""
+    load_async: bool = False
+    """vLLM loads this request asynchronously (``fill_mode: async``): the worker advances
+    the fill a bounded slice per step and names the request in ``get_finished`` once it
+    is done; otherwise the whole fill runs in the step that receives it."""
 
     @property
     def end(self) -> int:
@@ -131,6 +138,34 @@ class ShadowResult:
 
 
 @dataclass
+class CorrectionSpec:
+    """Correct one reused request's KV before vLLM's forward of ``token_id`` at ``position``
+    (see :mod:`kvshare.connector.decode_correction`)."""
+
+    req_id: str
+    token_id: int
+    """The generated token whose queries score the reused tokens."""
+    position: int
+    """Its position: rows ``[0, position)`` of the request's blocks are its context."""
+    block_ids: list[int]
+    writable_blocks: list[int]
+    """Blocks the correction may change: held by this request alone (vLLM ref count 1),
+    never blocks that vLLM's prefix cache shares with another running request."""
+
+
+@dataclass
+class CorrectionReport:
+    """What one :class:`CorrectionSpec` did."""
+
+    req_id: str
+    corrected: int
+    """Reused, not recomputed tokens whose K/V were recomputed through every layer."""
+    deferred: bool = False
+    """The step's budget was spent: nothing done, send it again in a later step."""
+    seconds: float = 0.0
+
+
+@dataclass
 class KVShareConnectorMetadata(KVConnectorMetadata):
     """Scheduler -> worker, one per engine step."""
 
@@ -145,6 +180,11 @@ class KVShareConnectorMetadata(KVConnectorMetadata):
     shadows: list[ShadowSpec] = field(default_factory=list)
     """Fills to check against full compute in the background (sampled, or withheld by
     the quality gate)."""
+    corrections: list[CorrectionSpec] = field(default_factory=list)
+    """Decode corrections to run before this step's forward."""
+    corrections_dropped: set[str] = field(default_factory=set)
+    """Requests preempted since the last step: the worker forgets their fills' records
+    (a resumed request is filled again and corrected from that fill)."""
 
 
 @dataclass
@@ -197,6 +237,8 @@ class KVShareWorkerMetadata(KVConnectorWorkerMetadata):
     """Entries some of whose chunks the tiers no longer hold (found by a load)."""
     shadows: list[ShadowResult] = field(default_factory=list)
     """Shadow checks answered since the last step."""
+    corrections: list[CorrectionReport] = field(default_factory=list)
+    """Decode corrections run (or deferred) this step."""
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, KVShareWorkerMetadata)
@@ -206,4 +248,5 @@ class KVShareWorkerMetadata(KVConnectorWorkerMetadata):
             loads=self.loads + other.loads,
             missing_entries=self.missing_entries | other.missing_entries,
             shadows=self.shadows + other.shadows,
+            corrections=self.corrections + other.corrections,
         )

@@ -58,6 +58,7 @@ from vllm.v1.core.sched.output import SchedulerOutput
 
 from kvshare.catalog import Catalog, LoadOutcome
 from kvshare.config import KVShareConfig
+from kvshare.connector.decode_correction import CorrectionPlanner, correction_wanted
 from kvshare.connector.metadata import (
     KVShareConnectorMetadata,
     KVShareWorkerMetadata,
@@ -251,6 +252,8 @@ class KVShareScheduler:
         self.quality_counts: Counter[str] = Counter()
         """Shadow checks by outcome (``done``, ``dropped``, ``error``), ``failed`` checks,
         gate ``closures`` and ``reopenings``, since the last :meth:`take_quality_counts`."""
+        self.corrections = CorrectionPlanner(config)
+        """Decode corrections of reused requests (:mod:`kvshare.connector.decode_correction`)."""
 
     # ------------------------------------------------------------------ claims
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int
@@ -380,6 +383,7 @@ class KVShareScheduler:
         meta.discarded_saves = self._last_saves & preempted
         self._last_saves = {spec.req_id for spec in meta.saves}
         meta.held_for_save, self._held = self._held, set()
+        meta.corrections, meta.corrections_dropped = self.corrections.plan(scheduler_output)
         meta.shadows += self._shadows_due
         self._shadows_due = []
         return meta
@@ -434,6 +438,7 @@ class KVShareScheduler:
                         block_ids=block_ids, num_computed=claim.start,
                         num_claimed=claim.num_claimed, runs=runs, sources=sources, rho=rho,
                         adaptive=adaptive,
+                        decode_correction=correction_wanted(request, self.config),
                         tail_start=max(claim.start, min(claim.end, tail_start(
                             state.prompt_tokens, self.config))))
 
@@ -480,6 +485,7 @@ class KVShareScheduler:
     # ------------------------------------------------------------------ worker feedback
     def update_connector_output(self, worker_meta: KVShareWorkerMetadata | None) -> None:
         self._updates += 1
+        self.corrections.take(worker_meta.corrections if worker_meta is not None else [])
         if worker_meta is not None:
             self._commit(worker_meta)
             for report in worker_meta.loads:
@@ -525,6 +531,8 @@ class KVShareScheduler:
                 report.fallback))
             state.report = report
             state.loads_out = max(0, state.loads_out - 1)
+            self.corrections.on_load_report(state.request, report,
+                                            correction_wanted(state.request, self.config))
             return
         late = self._late_reports.pop(report.req_id, None)
         if late is not None:
@@ -591,6 +599,7 @@ class KVShareScheduler:
             self._late_reports[request.request_id] = (self._updates, report)
         else:
             report.update(state.report.as_dict())
+        self.corrections.finished(request.request_id, report)
         return {"kvshare": report}
 
     # ------------------------------------------------------------------ scheduling hints

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from kvshare.config import KVShareConfig
+from kvshare.connector.decode_correction import DecodeCorrector
 from kvshare.connector.metadata import (
     KVShareConnectorMetadata,
     KVShareWorkerMetadata,
@@ -114,6 +115,9 @@ class KVShareWorker:
         self._reference: HFDecoderAdapter | None = None
         """The shadow checks' model (:func:`~kvshare.connector.shadow.reference_adapter`),
         loaded by the first check; only the checker's thread touches it."""
+        self.corrector: DecodeCorrector | None = None
+        """Decode corrections (:mod:`kvshare.connector.decode_correction`), from
+        ``register_kv_caches`` on."""
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         model = loaded_model()
@@ -124,6 +128,7 @@ class KVShareWorker:
                                self.adapter.head_dim, self.adapter.dtype)
         self._inv_freq = self.adapter.rope_inv_freq
         self.shadow = ShadowChecker(self._shadow_check)
+        self.corrector = DecodeCorrector(self.config, model, self.paged)
         if self.config.mode == "embedded":  # the daemon checks its own index at start-up
             threading.Thread(target=self._reconcile, name="kvshare-reconcile",
                              daemon=True).start()
@@ -160,6 +165,7 @@ class KVShareWorker:
         """Held requests whose save is answered (this step or the previous one): vLLM may
         free their blocks. Save results are collected here, once per step, so that every
         answer is reported in the same step's worker metadata."""
+        self.corrector.forget(finished_req_ids)
         for result in self.saves.take_results():
             if result.chunk_keys is None:
                 self._out.not_stored.add(result.req_id)
@@ -174,6 +180,7 @@ class KVShareWorker:
     # ------------------------------------------------------------------ load
     @torch.inference_mode()
     def start_load_kv(self, meta: KVShareConnectorMetadata) -> None:
+        self.corrector.forget(meta.corrections_dropped)
         for spec in meta.loads:
             started = time.perf_counter()
             missing: set[str] = set()
@@ -203,6 +210,7 @@ class KVShareWorker:
             self._stats.record(report)
         for shadow in meta.shadows:
             self.shadow.submit(shadow)
+        self._out.corrections += self.corrector.run(meta.corrections)
 
     def _fill(self, spec: LoadSpec, rho: float, missing: set[str], load: bool = True,
               budget: MassBudget | None = None) -> tuple[int, int, float]:
@@ -221,12 +229,15 @@ class KVShareWorker:
         kv = PromptKV.empty(adapter, len(spec.token_ids) if self._probes else end,
                             zeroed=False)
         adapter.bind(spec.block_ids, write_from=start)
-        filled = self._selective_fill(spec, adapter, kv, rho, missing, load, budget)
+        tracker = self.corrector.track(spec, kv, selective=load)
+        filled = self._selective_fill(spec, adapter, kv, rho, missing, load, budget,
+                                      before_layer=tracker and tracker.before_layer)
         # Layers whose attention the engine skipped (the last one, or all after the
         # tracked set ran empty) still need their rows in the blocks.
         slots = paged.slots(spec.block_ids, start, end)
         for layer in sorted(set(range(adapter.num_layers)) - adapter.written_layers):
             paged.write(layer, kv.keys[layer, start:end], kv.values[layer, start:end], slots)
+        self.corrector.filled(spec.req_id)
         return filled
 
     @property
@@ -365,7 +376,7 @@ class KVShareWorker:
         if self.shadow is not None:
             out.shadows = self.shadow.take_results()
         return out if (out.stored or out.not_stored or out.loads or out.missing_entries
-                       or out.shadows) else None
+                       or out.shadows or out.corrections) else None
 
     def shutdown(self) -> None:
         if self.shadow is not None:
