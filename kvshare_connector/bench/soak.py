@@ -23,8 +23,13 @@ real ShareGPT similar-stream prompts, round-robin to the two engines, for ``--mi
   (exact KV: a verbatim repeat), and in another fresh tenant on that engine (full
   compute, not stored). The two greedy answers (``--check-tokens`` tokens) must be equal
   token for token, as ``tests/connector/test_connector.py`` asserts for an identical
-  prompt and ``tests/remote/test_shared_engines.py`` across engines. A check whose
-  repeat was not claimed, or whose first request was, counts apart (it compares nothing).
+  prompt. That equality holds under the same split only: the claim ends where vanilla
+  vLLM's chunked prefill ends its first step (equal KV computed in other step shapes
+  differs in the last bits, enough to flip a greedy token now and then). So the engines
+  prefill ``STEP_TOKENS`` per step and a check's prompt is a stream prompt cut to the
+  length whose claim ends at that step (``STEP_TOKENS`` + the tail vLLM computes + 1). A
+  check whose first request reused anything, whose repeat claimed another split, or
+  that failed, counts apart (it compares nothing).
 
 Every ``--sample-s`` seconds it samples each process's RSS and open file descriptors
 (every process of each engine's tree, vLLM's EngineCore among them, as its own series),
@@ -46,6 +51,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import statistics
 import tempfile
 import threading
@@ -68,9 +74,12 @@ GROWTH_WINDOW_S = 120.0
 (shortened to a fifth of the post-warm-up time on short runs)."""
 ENGINE_KV_BYTES = 512 << 20
 """vLLM's own KV cache per engine: small, so its prefix cache evicts too."""
+STEP_TOKENS = 1024
+"""The engines' ``--max-num-batched-tokens``, where the checks' claims end (see above)."""
 COMMIT_WAIT_S = 30.0
 """A check waits this long for its stored prompt to reach the daemon's index."""
 HTTP_TIMEOUT_S = 300.0
+SHADOW_CHECKS_METRIC = "vllm:kvshare_shadow_checks_total"
 
 EPILOG = """\
 targets (issue 12, a run of >= 30 minutes): rss_growth < 0.10 for every process,
@@ -144,8 +153,9 @@ class Check:
     prompt_tokens: int
     outcome: str
     """``match``, ``mismatch``, ``reference_claimed`` (the first request reused something),
-    ``not_indexed`` (not in the index within ``COMMIT_WAIT_S``), ``not_claimed`` (the
-    repeat reused nothing) or ``error`` (an HTTP error)."""
+    ``not_indexed`` (not in the index within ``COMMIT_WAIT_S``), ``other_split`` (the
+    repeat's claim did not end at ``STEP_TOKENS``, or the full compute reused something)
+    or ``error`` (an HTTP error)."""
     claimed: int = 0
     reused: int = 0
     first_difference: int | None = None
@@ -166,6 +176,9 @@ class Sample:
     index_rows: int
     evictions: dict[str, int]
     """Cumulative evictions per tier (``cpu``, ``disk``, ``redis``, ``index``)."""
+    shadow_checks: dict[str, int] = field(default_factory=dict)
+    """Cumulative shadow checks per engine. An engine's worker loads a copy of the model
+    (about 270 MB for SmolLM2-135M) at its first one: a step in its RSS, not a leak."""
 
 
 @dataclass(frozen=True)
@@ -242,6 +255,9 @@ def analyse(samples: Sequence[Sample], served: Sequence[Served], checks: Sequenc
         return [t for t, _ in pairs], [v for _, v in pairs]
 
     rates = per_minute_hit_rates(served, minutes)
+    first_shadow = {name: min((s.t_s for s in samples if s.shadow_checks.get(name, 0) > 0),
+                              default=None)
+                    for name in sorted({n for s in samples for n in s.shadow_checks})}
     after = [r for r in served if r.t_s >= warmup_s and not r.error]
     compared = [c for c in checks if c.outcome in ("match", "mismatch")]
     return {
@@ -264,12 +280,15 @@ def analyse(samples: Sequence[Sample], served: Sequence[Served], checks: Sequenc
         "checks_compared": len(compared),
         "checks_not_compared": {outcome: sum(c.outcome == outcome for c in checks)
                                 for outcome in ("reference_claimed", "not_indexed",
-                                                "not_claimed", "error")},
+                                                "other_split", "error")},
         "mismatches": [{"check_id": c.check_id, "first_difference": c.first_difference}
                        for c in compared if c.outcome == "mismatch"],
         "requests": len(served),
         "failed_requests": sum(bool(r.error) for r in served),
         "evictions": dict(samples[-1].evictions) if samples else {},
+        "first_shadow_check_s": first_shadow,
+        "shadow_model_loaded_after_warmup": sorted(
+            name for name, t in first_shadow.items() if t is not None and t >= warmup_s),
         "samples": len(times),
         "growth_window_s": window_s,
     }
@@ -389,8 +408,14 @@ def _role(process) -> str:
     head = cmdline[0] if cmdline else process.name()
     if "::" in head:
         return head.split("::", 1)[1].split()[0]
-    module = cmdline[cmdline.index("-m") + 1] if "-m" in cmdline[:-1] else ""
-    return module.rsplit(".", 1)[-1] or os.path.basename(head)
+    for flag in ("-m", "-c"):  # a module, or code importing one (multiprocessing's helpers)
+        if flag in cmdline[:-1]:
+            names = re.findall(r"[A-Za-z_][\w.]*", cmdline[cmdline.index(flag) + 1])
+            parts = [part for name in names for part in name.split(".")
+                     if part not in ("from", "import", "main", "entry", "__main__")]
+            if parts:
+                return parts[-1] if flag == "-m" else parts[1 if len(parts) > 1 else 0]
+    return os.path.basename(head)
 
 
 class Quiet:
@@ -445,6 +470,8 @@ class Traffic:
 
     servers: list
     prompts: list[list[int]]
+    check_prompts: list[list[int]]
+    """Prompts cut to the length whose claim ends at ``STEP_TOKENS``."""
     stream: Iterator[tuple[str, int]]
     args: argparse.Namespace
     started: float
@@ -474,7 +501,9 @@ def client_loop(traffic: Traffic) -> None:
         number, tenant, prompt = traffic.next_request()
         if number % traffic.args.check_every == 0:
             with traffic.quiet.exclusive():
-                traffic.checks.append(run_check(traffic, number // traffic.args.check_every))
+                if time.monotonic() < traffic.deadline:
+                    traffic.checks.append(run_check(traffic,
+                                                    number // traffic.args.check_every))
         server = traffic.servers[number % 2]
         ids = traffic.prompts[prompt]
         with traffic.quiet.shared():
@@ -498,7 +527,7 @@ def run_check(traffic: Traffic, number: int) -> Check:
     from kvshare.connector.scheduler import STORE_ARG
 
     stored_on, checked_on = traffic.servers[number % 2], traffic.servers[(number + 1) % 2]
-    ids = traffic.prompts[(number * 7) % len(traffic.prompts)]
+    ids = traffic.check_prompts[(number * 7) % len(traffic.check_prompts)]
     tenant = f"check-{number}"
     check = Check(tenant, traffic.now(), stored_on.name, checked_on.name, len(ids), "error")
     tokens = traffic.args.check_tokens
@@ -522,8 +551,8 @@ def run_check(traffic: Traffic, number: int) -> Check:
     check.claimed, check.reused = report.get("claimed", 0), report.get("reused", 0)
     check.answer = repeat["choices"][0]["token_ids"]
     check.full_compute = full["choices"][0]["token_ids"]
-    if not check.claimed or load_report(full).get("claimed", 0):
-        check.outcome = "not_claimed"
+    if check.claimed != STEP_TOKENS or load_report(full).get("claimed", 0):
+        check.outcome = "other_split"
         return check
     check.first_difference = first_difference(check.answer, check.full_compute)
     check.outcome = "match" if check.first_difference is None else "mismatch"
@@ -544,9 +573,9 @@ def wait_for_entry(client, tenant: str) -> bool:
 class Sampler:
     """Samples the processes and tiers every ``interval_s`` on its own thread."""
 
-    def __init__(self, trees: list[ProcessTree], chunks_dir: Path, redis_client,
-                 daemon_client, started: float) -> None:
-        self.trees, self.chunks_dir = trees, chunks_dir
+    def __init__(self, trees: list[ProcessTree], servers: list, chunks_dir: Path,
+                 redis_client, daemon_client, started: float) -> None:
+        self.trees, self.servers, self.chunks_dir = trees, servers, chunks_dir
         self.redis, self.daemon = redis_client, daemon_client
         self.started = started
         self.samples: list[Sample] = []
@@ -561,10 +590,14 @@ class Sampler:
                      if name != "redis"}
         evictions["redis"] = int(self.redis.info("stats")["evicted_keys"])
         evictions["index"] = int(stats.index["evicted_since_open"])
+        shadow = {}
+        for server in self.servers:
+            with contextlib.suppress(RuntimeError, OSError):  # not exported yet, or down
+                shadow[server.name] = int(server.metric(SHADOW_CHECKS_METRIC))
         sample = Sample(time.monotonic() - self.started, rss, fds,
                         directory_bytes(self.chunks_dir),
                         int(self.redis.info("memory")["used_memory"]),
-                        int(stats.index["entries"]), evictions)
+                        int(stats.index["entries"]), evictions, shadow)
         self.samples.append(sample)
         return sample
 
@@ -601,6 +634,12 @@ def run(args: argparse.Namespace) -> int:
                 redis_bytes=caps.redis_bytes,
                 index_entries=int(sets.get("index_max_entries", caps.index_entries)))
     longest = max(map(len, prompts))
+    split_length = STEP_TOKENS + 1 + (base.recompute_tail_tokens
+                                      if base.recompute_tail_by == "vllm" else 0)
+    check_prompts = [p[:split_length] for p in prompts if len(p) >= split_length]
+    if not check_prompts:
+        raise SystemExit(f"the checks need prompts of >= {split_length} tokens; none of "
+                         f"--max-tokens {args.max_tokens} is that long")
     model_dir = resolve_model_dir(SMOLLM2_ALIAS, base.home_dir)
     print(f"soak: {args.minutes:g} min, {args.clients} clients, {len(families)} families "
           f"({sum(map(len, families))} prompts, mean {mean_tokens:.0f} tokens), "
@@ -629,7 +668,7 @@ def run(args: argparse.Namespace) -> int:
             daemon.wait_ready(client)
             common = [SMOLLM2_ALIAS, "--host", "127.0.0.1", "--enforce-eager",
                       "--max-model-len", str(max(2048, longest + 64 + args.answer_tokens)),
-                      "--max-num-batched-tokens", str(max(2048, longest)),
+                      "--max-num-batched-tokens", str(STEP_TOKENS),
                       "--kv-cache-memory-bytes", str(ENGINE_KV_BYTES)]
             for name in ("a", "b"):
                 home = root / f"engine-{name}"
@@ -645,9 +684,10 @@ def run(args: argparse.Namespace) -> int:
                      ProcessTree("redis", redis_pid),
                      *(ProcessTree(s.name, s.process.pid) for s in servers)]
             started = time.monotonic()
-            traffic = Traffic(servers, prompts, family_stream(families, args.families), args,
-                              started, started + 60.0 * args.minutes, client)
-            sampler = Sampler(trees, daemon_home / "chunks", redis_client, client, started)
+            traffic = Traffic(servers, prompts, check_prompts,
+                              family_stream(families, args.families), args, started,
+                              started + 60.0 * args.minutes, client)
+            sampler = Sampler(trees, servers, daemon_home / "chunks", redis_client, client, started)
             drive(traffic, sampler, args)
         finally:
             client.close()
@@ -764,6 +804,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     ]
     for label, value in rows:
         print(f"{label:<28} {value}")
+    for name in summary["shadow_model_loaded_after_warmup"]:
+        print(f"note: {name}'s first shadow check came after the warm-up; its worker loaded "
+              "a copy of the model then (a step in its RSS growth, not a leak)")
 
 
 def _bytes(value: float | None) -> str:
@@ -783,6 +826,8 @@ def write_plot(path: Path, samples: Sequence[Sample], summary: dict[str, Any], c
     fig, axes = plt.subplots(3, 2, figsize=(13, 11))
     mib = 1 << 20
     (rss, fds), (disk, redis_ax), (index, hits) = axes
+    for axis in (rss, fds):  # a dozen processes: more colours than the default cycle
+        axis.set_prop_cycle(color=plt.get_cmap("tab20").colors)
     for name in summary["processes"]:
         pairs = [(m, s.rss_bytes[name] / mib, s.open_fds[name])
                  for m, s in zip(minutes, samples) if name in s.rss_bytes]
@@ -790,7 +835,7 @@ def write_plot(path: Path, samples: Sequence[Sample], summary: dict[str, Any], c
         fds.plot([p[0] for p in pairs], [p[2] for p in pairs], label=name)
     rss.set(title="RSS per process", ylabel="MiB")
     fds.set(title="open file descriptors per process", ylabel="fds")
-    rss.legend(fontsize=7)
+    rss.legend(fontsize=6, ncol=2)
     for axis, values, cap, title, unit in (
             (disk, [s.disk_bytes / mib for s in samples], caps.disk_bytes / mib,
              "disk tier file bytes vs disk_bytes", "MiB"),

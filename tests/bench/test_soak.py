@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+import signal
 import threading
 
 import numpy as np
@@ -11,10 +13,12 @@ import pytest
 from kvshare.bench.soak import (
     Caps,
     Check,
+    ProcessTree,
     Quiet,
     Sample,
     Served,
     analyse,
+    directory_bytes,
     family_stream,
     first_difference,
     growth,
@@ -113,7 +117,8 @@ def test_caps_hold_fewer_prompts_than_the_reuse_window_in_memory():
 
 def sample(t_s: float, rss: int, disk: int) -> Sample:
     return Sample(t_s, {"daemon": rss}, {"daemon": 40}, disk, 50, 10,
-                  {"cpu": int(t_s), "disk": 0})
+                  {"cpu": int(t_s), "disk": 0},
+                  {"engine-a": int(t_s >= 300), "engine-b": int(t_s >= 60)})
 
 
 def check(check_id: str, outcome: str, first: int | None = None) -> Check:
@@ -125,7 +130,7 @@ def test_analyse_reports_the_headline_figures():
                for t in range(0, 601, 10)]
     requests = [served(t, 300 if t % 20 else 0) for t in range(5, 600, 5)]  # 3 hits in 4
     checks = [check("check-1", "match"), check("check-2", "mismatch", 3),
-              check("check-3", "not_claimed")]
+              check("check-3", "other_split")]
     caps = Caps(cpu_bytes=10, disk_bytes=100, redis_bytes=100, index_entries=64)
     summary = analyse(samples, requests, checks, caps, minutes=10, warmup_minutes=2)
     assert summary["rss_growth"]["daemon"] == pytest.approx(0.2)
@@ -133,10 +138,12 @@ def test_analyse_reports_the_headline_figures():
     assert summary["disk_max_over_cap"] == 30
     assert summary["wrong_answers"] == 1 and summary["checks_compared"] == 2
     assert summary["mismatches"] == [{"check_id": "check-2", "first_difference": 3}]
-    assert summary["checks_not_compared"]["not_claimed"] == 1
+    assert summary["checks_not_compared"]["other_split"] == 1
     assert summary["hit_rate_slope"] == pytest.approx(0.0)
     assert summary["hit_rate_after_warmup"] == pytest.approx(0.75)
     assert summary["evictions"] == {"cpu": 600, "disk": 0}
+    assert summary["first_shadow_check_s"] == {"engine-a": 300, "engine-b": 60}
+    assert summary["shadow_model_loaded_after_warmup"] == ["engine-a"]  # warm-up: 120 s
 
 
 def test_quiet_lets_a_check_in_only_once_the_requests_in_flight_are_done():
@@ -162,3 +169,37 @@ def test_quiet_lets_a_check_in_only_once_the_requests_in_flight_are_done():
     assert checked.wait(10)
     requester.join(10)
     checker.join(10)
+
+
+def test_process_tree_samples_each_process_and_counts_one_that_is_gone(tmp_path):
+    import subprocess
+    import sys
+
+    # A parent running a child (as kvshare serve runs vLLM), both waiting on stdin.
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys; child = subprocess.Popen("
+         "[sys.executable, '-m', 'json.tool']); print(child.pid, flush=True); child.wait()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        child_pid = int(parent.stdout.readline())
+        tree = ProcessTree("engine-a", parent.pid)
+        assert sorted(tree.processes) == ["engine-a", "engine-a/tool"]
+        rss, fds = {}, {}
+        tree.sample(rss, fds)
+        assert set(rss) == set(fds) == {"engine-a", "engine-a/tool"}
+        assert all(value > 0 for value in rss.values())
+        os.kill(child_pid, signal.SIGKILL)
+        parent.wait(10)  # the parent exits once its child is gone
+        rss, fds = {}, {}
+        tree.sample(rss, fds)
+        assert rss == {} and tree.gone == {"engine-a", "engine-a/tool"}
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_directory_bytes_counts_every_file_below(tmp_path):
+    (tmp_path / "ab").mkdir()
+    (tmp_path / "ab" / "chunk").write_bytes(b"x" * 1000)
+    (tmp_path / ".chunk.tmp").write_bytes(b"x" * 24)
+    assert directory_bytes(tmp_path) == 1024
