@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import itertools
 import json
 import os
@@ -80,6 +81,9 @@ COMMIT_WAIT_S = 30.0
 """A check waits this long for its stored prompt to reach the daemon's index."""
 HTTP_TIMEOUT_S = 300.0
 SHADOW_CHECKS_METRIC = "vllm:kvshare_shadow_checks_total"
+REQUEST_ERRORS = (urllib.error.URLError, http.client.HTTPException, OSError, ValueError)
+"""What a failed request raises: HTTP errors, a dropped connection, a reply cut short or
+not JSON."""
 
 EPILOG = """\
 targets (issue 12, a run of >= 30 minutes): rss_growth < 0.10 for every process,
@@ -511,7 +515,7 @@ def client_loop(traffic: Traffic) -> None:
             try:
                 response = server.complete(ids, tenant, max_tokens=traffic.args.answer_tokens,
                                            timeout_s=HTTP_TIMEOUT_S)
-            except (urllib.error.URLError, OSError) as exc:
+            except REQUEST_ERRORS as exc:
                 traffic.served.append(Served(traffic.now(), server.name, tenant, len(ids),
                                              error=f"{type(exc).__name__}: {exc}"))
                 continue
@@ -525,6 +529,7 @@ def run_check(traffic: Traffic, number: int) -> Check:
     """One check, with the engines to itself (see the module docstring)."""
     from kvshare.bench.servers import load_report
     from kvshare.connector.scheduler import STORE_ARG
+    from kvshare.remote.client import DaemonUnavailable
 
     stored_on, checked_on = traffic.servers[number % 2], traffic.servers[(number + 1) % 2]
     ids = traffic.check_prompts[(number * 7) % len(traffic.check_prompts)]
@@ -545,7 +550,7 @@ def run_check(traffic: Traffic, number: int) -> Check:
             return check
         repeat = ask(checked_on, tenant, store=False)
         full = ask(checked_on, f"{tenant}-full", store=False)
-    except (urllib.error.URLError, OSError):
+    except (*REQUEST_ERRORS, DaemonUnavailable):
         return check
     report = load_report(repeat)
     check.claimed, check.reused = report.get("claimed", 0), report.get("reused", 0)
@@ -579,16 +584,28 @@ class Sampler:
         self.redis, self.daemon = redis_client, daemon_client
         self.started = started
         self.samples: list[Sample] = []
+        self.skipped = 0
 
-    def sample(self) -> Sample:
+    def sample(self) -> Sample | None:
+        """A new sample, or None (counted in ``skipped``) when the daemon or Redis did not
+        answer: a gone process shows as a restart, a slow one must not end the run."""
+        import redis
+
+        from kvshare.remote.client import DaemonUnavailable
+
         rss: dict[str, int] = {}
         fds: dict[str, int] = {}
         for tree in self.trees:
             tree.sample(rss, fds)
-        stats = self.daemon.stats()
+        try:
+            stats = self.daemon.stats()
+            redis_stats, redis_memory = self.redis.info("stats"), self.redis.info("memory")
+        except (DaemonUnavailable, redis.RedisError):
+            self.skipped += 1
+            return None
         evictions = {name: tier.evictions for name, tier in stats.tiers.items()
                      if name != "redis"}
-        evictions["redis"] = int(self.redis.info("stats")["evicted_keys"])
+        evictions["redis"] = int(redis_stats["evicted_keys"])
         evictions["index"] = int(stats.index["evicted_since_open"])
         shadow = {}
         for server in self.servers:
@@ -596,7 +613,7 @@ class Sampler:
                 shadow[server.name] = int(server.metric(SHADOW_CHECKS_METRIC))
         sample = Sample(time.monotonic() - self.started, rss, fds,
                         directory_bytes(self.chunks_dir),
-                        int(self.redis.info("memory")["used_memory"]),
+                        int(redis_memory["used_memory"]),
                         int(stats.index["entries"]), evictions, shadow)
         self.samples.append(sample)
         return sample
@@ -695,10 +712,12 @@ def run(args: argparse.Namespace) -> int:
                 server.stop()
             daemon.stop()
             redis_client.close()
-    summary = analyse(sampler.samples, traffic.served, traffic.checks, caps, args.minutes,
+    minutes_run = min(args.minutes, (traffic.deadline - traffic.started) / 60)
+    summary = analyse(sampler.samples, traffic.served, traffic.checks, caps, minutes_run,
                       warmup_minutes)
     summary.update(engine_restarts=len(sampler.restarts), restarted=sampler.restarts,
-                   minutes=args.minutes, warmup_minutes=warmup_minutes, clients=args.clients,
+                   samples_skipped=sampler.skipped, minutes=minutes_run,
+                   warmup_minutes=warmup_minutes, clients=args.clients,
                    families_at_once=args.families, caps=asdict(caps),
                    config_overrides=sets, processes=sorted({name for s in sampler.samples
                                                             for name in s.rss_bytes}))
@@ -763,17 +782,24 @@ def drive(traffic: Traffic, sampler: Sampler, args: argparse.Namespace) -> None:
     with tqdm(total=total_s, desc="soak", unit="s") as bar:
         next_sample = traffic.started
         while any(thread.is_alive() for thread in threads):
-            sample = sampler.sample()
-            done = traffic.served
-            hits = sum(r.hit for r in done[-200:]) / max(1, len(done[-200:]))
-            bar.n = min(total_s, int(sample.t_s))
-            bar.set_postfix(requests=len(done), hit=f"{hits:.2f}",
-                            checks=len(traffic.checks),
-                            wrong=sum(c.outcome == "mismatch" for c in traffic.checks),
-                            errors=sum(bool(r.error) for r in done), refresh=False)
-            bar.refresh()
-            next_sample += args.sample_s
-            time.sleep(max(0.0, next_sample - time.monotonic()))  # the sampling period
+            try:
+                sampler.sample()
+                done = traffic.served
+                recent = done[-200:]
+                bar.n = min(total_s, int(traffic.now()))
+                bar.set_postfix(requests=len(done),
+                                hit=f"{sum(r.hit for r in recent) / max(1, len(recent)):.2f}",
+                                checks=len(traffic.checks),
+                                wrong=sum(c.outcome == "mismatch" for c in traffic.checks),
+                                errors=sum(bool(r.error) for r in done), refresh=False)
+                bar.refresh()
+                next_sample += args.sample_s
+                time.sleep(max(0.0, next_sample - time.monotonic()))  # the sampling period
+            except KeyboardInterrupt:  # stop early, keep what was measured
+                print("\nsoak: interrupted; finishing the requests in flight")
+                traffic.deadline = time.monotonic()
+                for thread in threads:
+                    thread.join()
     sampler.sample()
 
 
