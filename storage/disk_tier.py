@@ -62,6 +62,10 @@ class DiskTier(Tier):
         self._reserved = 0  # bytes of writes in flight, counted against the cap
         self._clock_ns = 0
         self._evict_at_open = evict_at_open
+        self._writes_failing = False
+        """The latest write failed (full or read-only disk): reads that succeed meanwhile
+        do not make the tier healthy, so a tier that keeps failing its writes logs one
+        failure, not one per write that follows a read."""
         self.root.mkdir(parents=True, exist_ok=True)
         self._scan()
 
@@ -112,9 +116,11 @@ class DiskTier(Tier):
             except OSError as exc:  # ENOSPC, EIO...: this chunk only; earlier ones are intact
                 with self._lock:
                     self._reserved -= size
+                self._writes_failing = True
                 self._record_failure("put", exc)
                 ok.append(False)
                 continue
+            self._writes_failing = False
             _set_mtime(path, self._tick())
             with self._lock:
                 self._reserved -= size
@@ -130,6 +136,10 @@ class DiskTier(Tier):
             except OSError as exc:  # the chunks are readable now; only crash-durability is in doubt
                 self._record_failure("put", exc)
         return ok
+
+    def _record_success(self) -> None:
+        if not self._writes_failing:
+            super()._record_success()
 
     def _get(self, keys: Sequence[ChunkKey]) -> list[KVChunk | None]:
         return [self._get_one(key) for key in keys]
