@@ -205,6 +205,18 @@ class KVShareConfig:
     strict_prefix_cache: bool = False
     """Keep approximate (edited) KV out of vLLM's exact-prefix cache: the connector then
     requires ``--no-enable-prefix-caching`` (see docs/connector.md)."""
+    fill_mode: str = "async"
+    """How a claimed request is filled: ``async`` (vLLM's asynchronous load: the request
+    waits while its fill advances ``fill_tokens_per_step`` per engine step, so running
+    requests keep decoding) or ``sync`` (the whole fill in the step that first schedules
+    the request; every running request waits for it). See docs/connector.md."""
+    fill_tokens_per_step: int = 1024
+    """``fill_mode: async``: fill work per engine step, in token-layers (one position
+    through one decoder layer), shared by the fills in flight; a fill advances whole
+    layers, at least one per step."""
+    max_fills_in_flight: int = 2
+    """``fill_mode: async``: claimed requests filling at once; further claims wait (vLLM
+    asks again next step) without taking KV blocks."""
 
     # --- shadow checks and the quality gate ---------------------------------------------
     shadow_sample_rate: float = 0.01
@@ -352,6 +364,12 @@ class KVShareConfig:
                  self.select_by, "one of deviation, attention, both")
         _require(self.recompute_tail_by in ("vllm", "kvshare"), "recompute_tail_by",
                  self.recompute_tail_by, "one of vllm, kvshare")
+        _require(self.fill_mode in ("async", "sync"), "fill_mode", self.fill_mode,
+                 "one of async, sync")
+        _require(self.fill_tokens_per_step >= 1, "fill_tokens_per_step",
+                 self.fill_tokens_per_step, ">= 1")
+        _require(self.max_fills_in_flight >= 1, "max_fills_in_flight",
+                 self.max_fills_in_flight, ">= 1")
         _require(self.max_approx_depth >= 0, "max_approx_depth", self.max_approx_depth, ">= 0")
         _require(self.save_queue_bytes >= 0, "save_queue_bytes", self.save_queue_bytes, ">= 0")
         _require(self.index_max_entries >= 1, "index_max_entries", self.index_max_entries,

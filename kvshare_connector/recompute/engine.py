@@ -43,13 +43,16 @@ layer, i.e. a plain full prefill.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from kvshare.recompute.adapter import ModelAdapter
+
+T = TypeVar("T")
 
 SELECT_BY = ("deviation", "attention", "both")
 """How reused tokens are ranked at a check layer: ``deviation`` of their fresh K/V from
@@ -94,6 +97,15 @@ def _attention_mass(probe_q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     keys = keys.float().repeat_interleave(heads // kv_heads, dim=1)
     logits = torch.einsum("phd,nhd->phn", probe_q.float(), keys) / probe_q.shape[-1] ** 0.5
     return logits.softmax(dim=-1).sum(dim=(0, 1))
+
+
+def run_to_end(steps: Generator[object, None, T]) -> T:
+    """Run a step-wise computation (a generator) to its end and return its result."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 @dataclass
@@ -207,7 +219,6 @@ class SelectiveRecomputeEngine:
         """
         return self.check_layers[0] if self.check_layers else 0
 
-    @torch.no_grad()
     def prefill(
         self,
         token_ids: torch.Tensor | np.ndarray | Sequence[int],
@@ -218,7 +229,29 @@ class SelectiveRecomputeEngine:
         before_layer: Callable[[int], None] | None = None,
         probe_from: int | None = None,
     ) -> RecomputeResult:
-        """Fix ``reused`` in place so it approximates the prompt's own prefill K/V.
+        """Fix ``reused`` in place so it approximates the prompt's own prefill K/V: all of
+        :meth:`prefill_layers` at once (see there for the arguments)."""
+        return run_to_end(self.prefill_layers(token_ids, reused, recompute, exact_prefix,
+                                              logits, before_layer, probe_from))
+
+    @torch.no_grad()
+    def prefill_layers(
+        self,
+        token_ids: torch.Tensor | np.ndarray | Sequence[int],
+        reused: PromptKV,
+        recompute: torch.Tensor | np.ndarray | Sequence[int],
+        exact_prefix: int = 0,
+        logits: bool = True,
+        before_layer: Callable[[int], None] | None = None,
+        probe_from: int | None = None,
+    ) -> Generator[int, None, RecomputeResult]:
+        """:meth:`prefill` one layer at a time: yields, after each layer it ran to its end,
+        the positions that layer computed (its cost in token-layers), and returns the
+        :class:`RecomputeResult`. A caller may interleave other work with the model between
+        layers (the connector's fills advance a few layers per vLLM step) as long as it
+        leaves ``reused`` and the adapter's bound state alone meanwhile.
+
+        Fix ``reused`` in place so it approximates the prompt's own prefill K/V.
 
         Args:
             token_ids: the new prompt, ``[T]`` token ids.
@@ -312,6 +345,7 @@ class SelectiveRecomputeEngine:
                                      reused.values[layer, :written])
             x, residual = adapter.post_attention_norm(layer, adapter.o_proj(layer, attn), residual)
             update = adapter.mlp(layer, x)
+            yield int(rows[layer])
 
         last_tracked = (logits and positions.numel() > 0
                         and int(positions[-1]) == num_tokens - 1)
