@@ -61,10 +61,6 @@ class LoadSpec:
     adaptive: bool = False
     """The config's adaptive budget (``rho_mass``) replaces ``rho``: set, and not
     overridden by the request."""
-    load_async: bool = False
-    """vLLM loads this request asynchronously (``fill_mode: async``): the worker advances
-    the fill a bounded slice per step and names the request in ``get_finished`` once it
-    is done; otherwise the whole fill runs in the step that receives it."""
     decode_correction: bool = False
     """Keep what a decode correction needs from this fill (the reused, not recomputed
     tokens and their deviation; see :mod:`kvshare.connector.decode_correction`)."""
