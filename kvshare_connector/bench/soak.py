@@ -51,6 +51,7 @@ import contextlib
 import http.client
 import itertools
 import json
+import math
 import os
 import re
 import statistics
@@ -208,6 +209,18 @@ def least_squares_slope(xs: Sequence[float], ys: Sequence[float]) -> float | Non
     return covariance / variance
 
 
+def slope_standard_error(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Standard error of :func:`least_squares_slope` (residuals with n - 2 degrees of
+    freedom); None with fewer than 3 points. A slope within about two of these of 0 is no
+    trend."""
+    slope = least_squares_slope(xs, ys)
+    if slope is None or len(xs) < 3:
+        return None
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    residuals = sum((y - mean_y - slope * (x - mean_x)) ** 2 for x, y in zip(xs, ys))
+    return math.sqrt(residuals / (len(xs) - 2) / sum((x - mean_x) ** 2 for x in xs))
+
+
 def growth(times: Sequence[float], values: Sequence[float], start_s: float, end_s: float,
            window_s: float) -> float | None:
     """(median of ``values`` in the last ``window_s`` before ``end_s`` - median in the first
@@ -239,10 +252,12 @@ def per_minute_hit_rates(served: Sequence[Served], minutes: float
 
 
 def hit_rate_slope(rates: Sequence[tuple[int, float, int]], warmup_minutes: float
-                   ) -> float | None:
-    """Per-minute slope of the hit rate over the minutes that start after the warm-up."""
+                   ) -> tuple[float | None, float | None]:
+    """Per-minute slope of the hit rate over the minutes that start after the warm-up, and
+    its standard error."""
     after = [(minute + 0.5, rate) for minute, rate, _ in rates if minute >= warmup_minutes]
-    return least_squares_slope([m for m, _ in after], [r for _, r in after])
+    xs, ys = [m for m, _ in after], [r for _, r in after]
+    return least_squares_slope(xs, ys), slope_standard_error(xs, ys)
 
 
 def analyse(samples: Sequence[Sample], served: Sequence[Served], checks: Sequence[Check],
@@ -259,6 +274,7 @@ def analyse(samples: Sequence[Sample], served: Sequence[Served], checks: Sequenc
         return [t for t, _ in pairs], [v for _, v in pairs]
 
     rates = per_minute_hit_rates(served, minutes)
+    slope, slope_error = hit_rate_slope(rates, warmup_minutes)
     first_shadow = {name: min((s.t_s for s in samples if s.shadow_checks.get(name, 0) > 0),
                               default=None)
                     for name in sorted({n for s in samples for n in s.shadow_checks})}
@@ -274,7 +290,8 @@ def analyse(samples: Sequence[Sample], served: Sequence[Served], checks: Sequenc
                                                  caps.redis_bytes),
         "index_max_over_cap": max_over_cap([s.index_rows for s in samples],
                                            caps.index_entries),
-        "hit_rate_slope": hit_rate_slope(rates, warmup_minutes),
+        "hit_rate_slope": slope,
+        "hit_rate_slope_stderr": slope_error,
         "hit_rate_after_warmup": (sum(r.hit for r in after) / len(after)) if after else None,
         "reused_share_after_warmup": (sum(r.reused for r in after)
                                       / sum(r.prompt_tokens for r in after)) if after else None,
@@ -532,6 +549,7 @@ def run_check(traffic: Traffic, number: int) -> Check:
     from kvshare.remote.client import DaemonUnavailable
 
     stored_on, checked_on = traffic.servers[number % 2], traffic.servers[(number + 1) % 2]
+    # A stride prime to most lengths walks the whole list, far from the last check's family.
     ids = traffic.check_prompts[(number * 7) % len(traffic.check_prompts)]
     tenant = f"check-{number}"
     check = Check(tenant, traffic.now(), stored_on.name, checked_on.name, len(ids), "error")
@@ -811,13 +829,14 @@ def print_summary(summary: dict[str, Any]) -> None:
     for name in summary["processes"]:
         print(f"{name:<28} {percent(summary['rss_growth'].get(name)):>11} "
               f"{percent(summary['fd_growth'].get(name)):>10}")
-    slope = summary["hit_rate_slope"]
+    slope, slope_error = summary["hit_rate_slope"], summary["hit_rate_slope_stderr"]
     rows = [
         ("requests (failed)", f"{summary['requests']} ({summary['failed_requests']})"),
         ("hit rate after warm-up", percent(summary["hit_rate_after_warmup"]).lstrip("+")),
         ("reused share after warm-up",
          percent(summary["reused_share_after_warmup"]).lstrip("+")),
-        ("hit rate slope", "n/a" if slope is None else f"{slope:+.4f} / min"),
+        ("hit rate slope", "n/a" if slope is None else f"{slope:+.4f} / min" + (
+            "" if slope_error is None else f" (standard error {slope_error:.4f})")),
         ("disk max over cap", _bytes(summary["disk_max_over_cap"])),
         ("redis max over maxmemory", _bytes(summary["redis_max_over_maxmemory"])),
         ("index max over cap", str(summary["index_max_over_cap"])),

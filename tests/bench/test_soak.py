@@ -28,6 +28,7 @@ from kvshare.bench.soak import (
     per_minute_hit_rates,
     prompt_families,
     sized_caps,
+    slope_standard_error,
 )
 
 
@@ -71,8 +72,14 @@ def test_hit_rates_per_full_minute_leave_failures_out():
 
 def test_hit_rate_slope_ignores_the_warmup_minutes():
     rates = [(0, 0.0, 10), (1, 0.2, 10), (2, 0.5, 10), (3, 0.5, 10), (4, 0.5, 10)]
-    assert hit_rate_slope(rates, warmup_minutes=2) == pytest.approx(0.0)
-    assert hit_rate_slope(rates, warmup_minutes=0) > 0.1
+    assert hit_rate_slope(rates, warmup_minutes=2) == (pytest.approx(0.0), pytest.approx(0.0))
+    assert hit_rate_slope(rates, warmup_minutes=0)[0] > 0.1
+
+
+def test_slope_standard_error_of_a_noisy_series():
+    assert slope_standard_error([0, 1, 2, 3], [0, 1, 0, 1]) == pytest.approx(0.08 ** 0.5)
+    assert slope_standard_error([0, 1, 2], [1, 2, 3]) == pytest.approx(0.0)
+    assert slope_standard_error([0, 1], [0, 1]) is None
 
 
 def test_family_stream_keeps_the_reuse_distance_and_changes_tenant_each_pass():
