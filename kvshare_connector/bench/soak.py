@@ -81,6 +81,8 @@ STEP_TOKENS = 1024
 COMMIT_WAIT_S = 30.0
 """A check waits this long for its stored prompt to reach the daemon's index."""
 HTTP_TIMEOUT_S = 300.0
+ENGINE_ONLY_KEYS = frozenset({"home", "mode", "daemon_address"})
+"""Config keys the benchmark sets per process: not passed on to the daemon's file."""
 SHADOW_CHECKS_METRIC = "vllm:kvshare_shadow_checks_total"
 REQUEST_ERRORS = (urllib.error.URLError, http.client.HTTPException, OSError, ValueError)
 """What a failed request raises: HTTP errors, a dropped connection, a reply cut short or
@@ -650,6 +652,7 @@ def run(args: argparse.Namespace) -> int:
     from kvshare.bench.hitrate import smollm2_kv_bytes_per_token
     from kvshare.bench.servers import DaemonProcess, Server, free_port, link_model, serve_options
     from kvshare.bench.workload import SIMILAR_MAX_COSINE_DISTANCE
+    from kvshare.config import CONFIG_ENV, KVShareConfig
     from kvshare.model_assets import SMOLLM2_ALIAS, resolve_model_dir
     from kvshare.remote.client import DaemonClient
     from kvshare.storage.redis_server import RedisServer
@@ -686,8 +689,9 @@ def run(args: argparse.Namespace) -> int:
         root = Path(scratch)
         address = f"ipc://{root / 'daemon.sock'}"
         daemon_home = root / "daemon"
+        defaults = KVShareConfig().to_dict()
         daemon_settings = {**{key: value for key, value in base.to_dict().items()
-                              if key in sets},
+                              if value != defaults[key] and key not in ENGINE_ONLY_KEYS},
                            "metrics_port": 0, "cpu_bytes": caps.cpu_bytes,
                            "disk_bytes": caps.disk_bytes, "redis_url": redis_server.url,
                            "index_max_entries": caps.index_entries}
@@ -701,7 +705,9 @@ def run(args: argparse.Namespace) -> int:
         servers: list[Server] = []
         try:
             daemon.wait_ready(client)
+            config_file = args.config or os.environ.get(CONFIG_ENV)
             common = [SMOLLM2_ALIAS, "--host", "127.0.0.1", "--enforce-eager",
+                      *(["--kvshare-config", str(config_file)] if config_file else []),
                       "--max-model-len", str(max(2048, longest + 64 + args.answer_tokens)),
                       "--max-num-batched-tokens", str(STEP_TOKENS),
                       "--kv-cache-memory-bytes", str(ENGINE_KV_BYTES)]
