@@ -11,10 +11,11 @@ real ShareGPT similar-stream prompts, round-robin to the two engines, for ``--mi
   members makes room for the next. Every pass over all families runs in fresh tenants,
   so a request's likely source is its family's previous member, about ``--families``
   requests earlier, for the whole run: reuse stays stationary while new KV keeps coming.
-* **every tier evicts.** The daemon's CPU tier, disk tier, Redis ``maxmemory`` and
-  ``index_max_entries`` are sized from the stream's mean prompt KV (``--families`` / 4,
-  / 2, x 2 and x 4 prompts), far below what the run writes; vLLM's own KV cache is
-  512 MiB per engine. ``--set`` overrides any of them.
+* **every tier evicts.** The daemon's CPU tier holds ``--families`` / 4 prompts' KV (of
+  the stream's mean length), Redis ``maxmemory`` / 2, the disk tier (compressed) x 2 and
+  the index x 4 entries, far below what the run writes; vLLM's own KV cache is 512 MiB
+  per engine. ``--set cpu_bytes=``, ``disk_bytes=`` and ``index_max_entries=`` override
+  the daemon's caps.
 * **wrong answers are checked where the project asserts equality.** Every
   ``--check-every``-th request starts a check while the other clients pause (so batching
   does not change the numbers): a prompt is served in a fresh tenant on one engine (full
