@@ -36,7 +36,8 @@ class TierStats:
     bytes_used: int = 0
     """Bytes held now (encoded size for disk and Redis, tensor size in memory)."""
     chunks: int = 0
-    """Chunks held now; -1 when the backend cannot tell cheaply (Redis)."""
+    """Chunks held now; for Redis the keys on its servers (DBSIZE summed over masters;
+    server-wide like ``bytes_used``); -1 until a backend has answered."""
     hits: int = 0
     misses: int = 0
     stored: int = 0

@@ -317,6 +317,10 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(
             f"--prompts and --repeats must be >= 1, got {args.prompts}, {args.repeats}")
     config = KVShareConfig.load(args.config)
+    if args.redis_url and args.redis_url.startswith("redis+cluster://"):
+        raise SystemExit(f"--redis-url {args.redis_url}: the storage benchmark measures one "
+                         "Redis server (its raw baseline is a plain client); give one node's "
+                         "redis:// URL")
     steady_allocator()
     # The configured level is always measured: the headline figures are about it.
     levels = sorted({int(level) for level in args.levels.split(",") if level} | {config.zstd_level})
