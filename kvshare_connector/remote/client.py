@@ -218,7 +218,10 @@ class RemoteStore:
     and must clone a chunk they keep longer.
     """
 
-    def __init__(self, client: DaemonClient, *, shared_memory: bool | None = None) -> None:
+    def __init__(self, client: DaemonClient, *, shared_memory: bool | None = None,
+                 max_message_bytes: int | None = None) -> None:
+        """``max_message_bytes``: the daemon's ``daemon_max_message_bytes`` (None: unknown);
+        a chunk larger than it is not sent, since the daemon would drop the connection."""
         local = client.endpoint.startswith("ipc://")
         if shared_memory and not local:
             raise ValueError(f"shared_memory=True needs an ipc:// daemon on this host, not "
@@ -229,23 +232,38 @@ class RemoteStore:
         self._arena_lock = threading.Lock()
         self._healthy = True
         self._health_lock = threading.Lock()
+        self.max_message_bytes = max_message_bytes
+        self._warned_oversized = False
 
     @classmethod
     def connect(cls, config: KVShareConfig, *, shared_memory: bool | None = None
                 ) -> RemoteStore:
         """Never contacts the daemon: a connector starts whether or not it is up."""
-        return cls(DaemonClient.from_config(config), shared_memory=shared_memory)
+        return cls(DaemonClient.from_config(config), shared_memory=shared_memory,
+                   max_message_bytes=config.daemon_max_message_bytes)
 
     def put(self, chunks: Sequence[KVChunk]) -> list[bool]:
-        if not chunks:
-            return []
-        heads, payloads = wire.chunk_parts(chunks)
+        fits = [i for i, chunk in enumerate(chunks)
+                if self.max_message_bytes is None or chunk.nbytes <= self.max_message_bytes]
+        if len(fits) < len(chunks) and not self._warned_oversized:
+            self._warned_oversized = True
+            largest = max(chunk.nbytes for chunk in chunks)
+            logger.warning("kvshare: a chunk of %d bytes exceeds daemon_max_message_bytes=%d; "
+                           "such chunks are not stored (raise it, or lower chunk_tokens)",
+                           largest, self.max_message_bytes)
+        stored = [False] * len(chunks)
+        if not fits:
+            return stored
+        heads, payloads = wire.chunk_parts([chunks[i] for i in fits])
         nbytes = sum(payload.nbytes for payload in payloads)
         # Puts come from the write-behind thread, never a request's path: a large prompt
         # on a busy daemon may take longer than a lookup is allowed to.
-        stored = self._call(wire.Put(heads), payloads, timeout_ms=self.client.timeout_ms
+        answer = self._call(wire.Put(heads), payloads, timeout_ms=self.client.timeout_ms
                             + int(nbytes * 1e3 / PUT_FLOOR_BYTES_PER_S))
-        return [False] * len(chunks) if stored is None else stored[0]
+        if answer is not None:
+            for i, ok in zip(fits, answer[0]):
+                stored[i] = ok
+        return stored
 
     def get(self, keys: Sequence[ChunkKey]) -> list[KVChunk | None]:
         if not keys:

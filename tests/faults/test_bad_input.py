@@ -13,6 +13,7 @@ edge-case prompts through one real vLLM server.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -40,7 +41,7 @@ from remote_helpers import (  # noqa: E402
 from kvshare.catalog import LocalCatalog  # noqa: E402
 from kvshare.config import MAX_INT64, ConfigError, KVShareConfig  # noqa: E402
 from kvshare.remote import protocol as wire  # noqa: E402
-from kvshare.remote.client import DaemonClient, RemoteCatalog  # noqa: E402
+from kvshare.remote.client import DaemonClient, RemoteCatalog, RemoteStore  # noqa: E402
 from kvshare.storage.chunk import split_prompt_kv  # noqa: E402
 from kvshare.storage.codec import ChunkCodec  # noqa: E402
 from kvshare.storage.commit import fetch_entry_chunks  # noqa: E402
@@ -351,7 +352,7 @@ def test_forged_messages_are_refused_or_dropped_and_the_daemon_keeps_serving(dae
     assert "Traceback" not in log, log
 
 
-def test_an_oversized_frame_is_cut_off_before_the_daemon_reads_it(daemon_process):
+def test_an_oversized_frame_is_cut_off_before_the_daemon_reads_it(daemon_process, caplog):
     process, client = daemon_process
     peer = RawPeer(process.config.daemon_endpoint)
     try:
@@ -362,6 +363,16 @@ def test_an_oversized_frame_is_cut_off_before_the_daemon_reads_it(daemon_process
         peer.close()
     assert client.ping()["version"] == wire.PROTOCOL_VERSION
     assert client.stats().tiers["cpu"].chunks == 0
+    # A connector with the same config never sends such a frame: the chunk is not stored.
+    store = RemoteStore.connect(process.config)
+    kv = random_kv(SMOLLM2, 80)
+    big, small = split_prompt_kv(MODEL, kv, list(range(80)), 64, scope="")
+    assert big.nbytes > process.config.daemon_max_message_bytes > small.nbytes
+    with caplog.at_level(logging.WARNING, logger="kvshare.remote.client"):
+        assert store.put([big, small]) == [False, True]
+    assert "exceeds daemon_max_message_bytes=1048576" in caplog.text
+    assert store.contains([big.key, small.key]) == [False, True]
+    store.close()
 
 
 def test_another_tenants_entry_is_never_reused_through_the_daemon(daemon_process, wordllama,
