@@ -36,6 +36,9 @@ _COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("bench", "decode-drift"), "kvshare.bench.decode_drift",
      "attention on reused tokens at prefill vs decode, per layer and step; simulated "
      "decode-time corrections"),
+    (("bench", "serve"), "kvshare.bench.serve",
+     "a saturated server on a mixed hit/miss stream: vanilla vLLM vs kvshare FCFS vs "
+     "kvshare's cache-aware scheduler (TTFT, throughput, TPOT during fills)"),
     (("bench", "decode"), "kvshare.bench.decode",
      "the decode correction on vLLM: time per output token and quality over 256 tokens, "
      "with and without it"),
