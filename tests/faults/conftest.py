@@ -17,6 +17,7 @@ and one log line names the fault (no traceback storm).
 | a tier slower than its timeout | test_tiers.py::test_a_tier_slower_than_its_timeout |
 | LanceDB directory damaged at start-up | test_restart.py::test_damaged_index_at_start_up |
 | index vs tiers after a crash | test_restart.py::test_index_and_tiers_disagree_after_a_crash |
+| the same check with Redis down | test_start_up_check.py (no engine: the check alone) |
 | preemption during a load | test_requests.py::test_preemption_during_a_load |
 | abort during a load | test_requests.py::test_abort_during_a_load |
 | daemon killed and restarted | tests/remote/test_shared_engines.py (needs servers of its own) |
@@ -30,9 +31,10 @@ it; a chunk evicted after the lookup is recomputed and its entry dropped; a fill
 a hung disk at most ``get_timeout_s`` and reads Redis, and the disk is read again once
 it answers; after a damaged index vLLM starts, the damaged files are kept aside
 unchanged and the new index stores and reuses; after a crash the start-up check drops
-entries whose chunks are gone and orphaned chunks serve the prompt's next save; a
-request preempted or aborted right after its fill leaves no state and the rest of the
-batch gets its answer.
+entries whose chunks are gone and orphaned chunks serve the prompt's next save (and, with
+Redis down during that check, it drops nothing); a request aborted while its fill is in
+flight, or preempted as soon as it runs, leaves no state, and the rest of the batch gets
+its answer.
 
 One in-process engine serves the whole package (``fault_engine``); each test works in
 tenants of its own. Its tiers are a disk directory and a private redis-server, both
