@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import urllib.error
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -46,7 +47,6 @@ from kvshare.storage.chunk import split_prompt_kv  # noqa: E402
 from kvshare.storage.codec import ChunkCodec  # noqa: E402
 from kvshare.storage.commit import fetch_entry_chunks  # noqa: E402
 from kvshare.storage.disk_tier import SUFFIX, DiskTier  # noqa: E402
-from kvshare.storage.index import IndexEntry, new_entry_id  # noqa: E402
 from kvshare.storage.keys import chunk_keys  # noqa: E402
 from kvshare.storage.memory_tier import MemoryTier  # noqa: E402
 from kvshare.storage.tiered_store import TieredStore  # noqa: E402
@@ -150,14 +150,6 @@ ODD_TENANTS = [
 ]
 
 
-def _entry(catalog: LocalCatalog, tokenizer, text: str, tenant: str) -> IndexEntry:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    entry_id = new_entry_id()
-    keys = chunk_keys(MODEL, ids, 256, scope=tenant, variant=entry_id)
-    return IndexEntry(entry_id, MODEL, tenant, catalog.embedder.embed([text])[0], ids,
-                      text[:40], [key.hex() for key in keys])
-
-
 def _sources(catalog: LocalCatalog, tokenizer, text: str, tenant: str) -> set[str]:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return set(catalog.lookup(MODEL, text, ids, tenant).plan.source_entries)
@@ -167,7 +159,8 @@ def test_odd_tenant_names_see_only_their_own_entries_across_a_restart(
         tmp_path, wordllama, tokenizer):
     config = KVShareConfig(home=str(tmp_path), share_public_scope=False)
     catalog = LocalCatalog(config, embedder=wordllama)
-    owned = {tenant: _entry(catalog, tokenizer, REPORT, tenant) for tenant in ODD_TENANTS}
+    ids = tokenizer(REPORT, add_special_tokens=False)["input_ids"]
+    owned = {tenant: entry_for(wordllama, REPORT, ids, scope=tenant) for tenant in ODD_TENANTS}
     catalog.commit(list(owned.values()), SMOLLM2.bytes_per_token())
     for tenant, entry in owned.items():
         assert _sources(catalog, tokenizer, REPORT, tenant) == {entry.entry_id}, tenant
@@ -203,7 +196,7 @@ def test_odd_tenant_names_never_reach_chunk_paths(tmp_path):
 
 # ------------------------------------------------------------------ foreign chunks
 @pytest.fixture
-def store(tmp_path) -> TieredStore:
+def store(tmp_path) -> Iterator[TieredStore]:
     tiered = TieredStore([MemoryTier.cpu(64 << 20),
                           DiskTier(tmp_path / "chunks", 64 << 20, ChunkCodec("zstd-byteplane"))])
     yield tiered
