@@ -114,7 +114,9 @@ class KVShareWorker:
         ``register_kv_caches`` on."""
         self._reference: HFDecoderAdapter | None = None
         """The shadow checks' model (:func:`~kvshare.connector.shadow.reference_adapter`),
-        loaded by the first check; only the checker's thread touches it."""
+        loaded in ``register_kv_caches`` when checks are on, so that its memory is taken
+        at start-up beside vLLM's rather than hours later; only the checker's thread uses
+        it."""
         self.corrector: DecodeCorrector | None = None
         """Decode corrections (:mod:`kvshare.connector.decode_correction`), from
         ``register_kv_caches`` on."""
@@ -128,6 +130,8 @@ class KVShareWorker:
                                self.adapter.head_dim, self.adapter.dtype)
         self._inv_freq = self.adapter.rope_inv_freq
         self.shadow = ShadowChecker(self._shadow_check)
+        if self.config.shadow_sample_rate > 0:
+            self._reference_model()
         self.corrector = DecodeCorrector(self.config, model, self.paged)
         if self.config.mode == "embedded":  # the daemon checks its own index at start-up
             threading.Thread(target=self._reconcile, name="kvshare-reconcile",
