@@ -192,7 +192,9 @@ class KVShareConfig:
     """Layers at which fresh and reused K/V are compared."""
     select_by: str = "deviation"
     """How DHD ranks reused tokens at the check layers: ``deviation`` of fresh from reused
-    K/V, ``attention`` the prompt's tail pays them, or ``both`` (their product)."""
+    K/V, ``attention`` the prompt's tail pays them, ``both`` (their product), ``rank``
+    (the mean of their rank percentiles) or ``per_head`` (their product per KV head,
+    summed); docs/selection.md compares them."""
     recompute_tail_tokens: int = 32
     """The prompt's last tokens always recomputed, whatever their deviation. They hold
     the chat template's generation prompt, which the first output token reads most; a
@@ -360,8 +362,8 @@ class KVShareConfig:
                  f"in [rho_min ({self.rho_min}), 1]")
         _require(self.recompute_tail_tokens >= 0, "recompute_tail_tokens",
                  self.recompute_tail_tokens, ">= 0")
-        _require(self.select_by in ("deviation", "attention", "both"), "select_by",
-                 self.select_by, "one of deviation, attention, both")
+        _require(self.select_by in ("deviation", "attention", "both", "rank", "per_head"),
+                 "select_by", self.select_by, "one of deviation, attention, both, rank, per_head")
         _require(self.recompute_tail_by in ("vllm", "kvshare"), "recompute_tail_by",
                  self.recompute_tail_by, "one of vllm, kvshare")
         _require(self.fill_mode in ("async", "sync"), "fill_mode", self.fill_mode,

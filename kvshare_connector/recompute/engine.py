@@ -54,12 +54,17 @@ from kvshare.recompute.adapter import ModelAdapter
 
 T = TypeVar("T")
 
-SELECT_BY = ("deviation", "attention", "both")
+SELECT_BY = ("deviation", "attention", "both", "rank", "per_head")
 """How reused tokens are ranked at a check layer: ``deviation`` of their fresh K/V from
 the reused rows (CacheBlend, KVShare's DHD); ``attention``, the attention mass the
 probes (the prompt's tail) pay them (query-driven, as ProphetKV); ``both``, deviation
 times attention mass: a first-order estimate of how much a stale row changes what the
-tail reads."""
+tail reads; ``rank``, a weighted sum of the two scores' rank percentiles
+(``attention_weight`` on attention), which no single score's scale can dominate;
+``per_head``, the product taken per KV head and summed over heads (a stale row matters
+where the heads that read it look). docs/selection.md compares them."""
+ATTENTION_WEIGHT = 0.5
+"""``rank``'s weight on the attention percentile; 0 ranks by deviation alone (DHD)."""
 
 
 @dataclass(frozen=True)
@@ -93,10 +98,25 @@ class MassBudget:
 def _attention_mass(probe_q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Attention mass ``[n]`` that probe queries ``[p, heads, d]`` pay ``keys``
     ``[n, kv_heads, d]``, summed over probes and heads (softmax over these keys only)."""
+    return _attention_mass_per_kv_head(probe_q, keys).sum(dim=1)
+
+
+def _attention_mass_per_kv_head(probe_q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """:func:`_attention_mass` per KV head, ``[n, kv_heads]``: summed over probes and over
+    the query heads that share each KV head."""
     heads, kv_heads = probe_q.shape[1], keys.shape[1]
     keys = keys.float().repeat_interleave(heads // kv_heads, dim=1)
     logits = torch.einsum("phd,nhd->phn", probe_q.float(), keys) / probe_q.shape[-1] ** 0.5
-    return logits.softmax(dim=-1).sum(dim=(0, 1))
+    mass = logits.softmax(dim=-1).sum(dim=0)  # [heads, n]
+    return mass.reshape(kv_heads, heads // kv_heads, -1).sum(dim=1).T
+
+
+def _percentile(score: torch.Tensor) -> torch.Tensor:
+    """Each score's rank among ``score`` scaled to [0, 1] (0 the smallest; ties by order)."""
+    ranks = torch.empty_like(score)
+    ranks[score.argsort(stable=True)] = torch.arange(
+        score.numel(), dtype=score.dtype, device=score.device)
+    return ranks / max(1, score.numel() - 1)
 
 
 def run_to_end(steps: Generator[object, None, T]) -> T:
@@ -171,6 +191,8 @@ class SelectiveRecomputeEngine:
             Empty means naive reuse: only the initial recompute set is computed.
         select_by: how reused tokens are ranked at a check layer (``SELECT_BY``).
         budget: an adaptive budget that replaces ``rho`` at every check layer.
+        attention_weight: ``rank``'s weight in [0, 1] on the attention percentile
+            (0: deviation's order, i.e. DHD's picks).
     """
 
     def __init__(
@@ -180,9 +202,12 @@ class SelectiveRecomputeEngine:
         check_layers: Sequence[int] = (1,),
         select_by: str = "deviation",
         budget: MassBudget | None = None,
+        attention_weight: float = ATTENTION_WEIGHT,
     ) -> None:
         if select_by not in SELECT_BY:
             raise ValueError(f"select_by must be one of {', '.join(SELECT_BY)}, got {select_by!r}")
+        if not 0.0 <= attention_weight <= 1.0:
+            raise ValueError(f"attention_weight must lie in [0, 1], got {attention_weight}")
         check_layers = tuple(int(c) for c in check_layers)
         if any(b <= a for a, b in zip(check_layers, check_layers[1:])):
             raise ValueError(f"check_layers must be strictly increasing, got {check_layers}")
@@ -207,6 +232,7 @@ class SelectiveRecomputeEngine:
         self.rhos = rhos
         self.select_by = select_by
         self.budget = budget
+        self.attention_weight = attention_weight
 
     @property
     def first_reused_layer(self) -> int:
@@ -381,22 +407,37 @@ class SelectiveRecomputeEngine:
         """
         probe = is_probe[positions]
         candidate = ~(initial[positions] | probe)
-        score = torch.zeros(positions.numel(), device=positions.device)
-        if self.select_by in ("deviation", "both"):
-            score = (k - reused.keys[layer, positions]).float().flatten(1).norm(dim=1)
-            score += (v - reused.values[layer, positions]).float().flatten(1).norm(dim=1)
-        if self.select_by in ("attention", "both") and probe.any():
-            attention = _attention_mass(q[probe], k[candidate])
-            if self.select_by == "attention":
-                score[candidate] = attention
-            else:
-                score[candidate] *= attention
+        # Squared K and V deviation per KV head, [n, kv_heads] each.
+        key_sq = (k - reused.keys[layer, positions]).float().square().sum(dim=-1)
+        value_sq = (v - reused.values[layer, positions]).float().square().sum(dim=-1)
+        # DHD's score: L2 over heads x head_dim, keys plus values.
+        score = key_sq.sum(dim=1).sqrt() + value_sq.sum(dim=1).sqrt()
+        if self.select_by != "deviation" and probe.any():
+            head_deviation = key_sq.sqrt() + value_sq.sqrt()
+            attention = _attention_mass_per_kv_head(q[probe], k[candidate])
+            score[candidate] = self._combine(score[candidate], head_deviation[candidate],
+                                             attention)
         budget = (self.budget.tokens(score[candidate], num_reused) if self.budget is not None
                   else round(rho * num_reused))
         score[~candidate] = torch.inf  # initial rows are garbage; probes wait their turn
         num_keep = min(positions.numel(), int((~candidate).sum()) + budget)
         keep = torch.topk(score, num_keep, sorted=False).indices.sort().values
         return keep[~probe[keep]] if last else keep
+
+    def _combine(self, deviation: torch.Tensor, head_deviation: torch.Tensor,
+                 attention: torch.Tensor) -> torch.Tensor:
+        """The candidates' scores ``[n]`` by ``select_by``, from DHD's ``deviation``
+        ``[n]``, the deviation per KV head and the probes' attention mass per KV head
+        (both ``[n, kv_heads]``)."""
+        if self.select_by == "attention":
+            return attention.sum(dim=1)
+        if self.select_by == "both":
+            return deviation * attention.sum(dim=1)
+        if self.select_by == "per_head":
+            return (head_deviation * attention).sum(dim=1)
+        weight = self.attention_weight  # "rank"
+        return ((1.0 - weight) * _percentile(deviation)
+                + weight * _percentile(attention.sum(dim=1)))
 
     def _check_inputs(self, tokens: torch.Tensor, reused: PromptKV) -> int:
         adapter = self.adapter
