@@ -174,13 +174,15 @@ def test_aborts_while_the_lookup_runs_and_after_the_load(engine, stored, report_
     early = llm_engine.add_request("abort-early", {"prompt_token_ids": edit_of(
         base, 222, report_tokens[50:53]), "cache_salt": tenant}, sampling(8))
     llm_engine.step()  # the lookup is submitted; vLLM is told to ask again
-    llm_engine.abort_request([early])
+    llm_engine.abort_request([early], internal=True)  # add_request returns vLLM's own id
+    assert early not in engine.engine_core.scheduler.requests
     late = llm_engine.add_request("abort-late", {"prompt_token_ids": edit_of(
         base, 233, report_tokens[60:63]), "cache_salt": tenant}, sampling(8))
     requests = engine.engine_core.scheduler.requests
     while not (late in requests and requests[late].num_computed_tokens):
         llm_engine.step()  # until the claimed prefill (load + forward) has run
-    llm_engine.abort_request([late])
+    llm_engine.abort_request([late], internal=True)
+    assert late not in requests
     step_until_done(llm_engine)
     assert report(engine.run(edit_of(base, 244, report_tokens[70:73]), tenant))["claimed"]
 
