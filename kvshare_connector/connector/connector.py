@@ -142,7 +142,8 @@ class KVShareConnector(KVConnectorBase_V1):
         self._worker.start_load_kv(self._metadata())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Loads are synchronous and finish in ``start_load_kv``."""
+        """Nothing to wait for: vLLM computes a claimed request only once its fill has
+        ended (a synchronous fill ends in ``start_load_kv``)."""
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor,
                       attn_metadata: AttentionMetadata, **kwargs: Any) -> None:
@@ -153,7 +154,10 @@ class KVShareConnector(KVConnectorBase_V1):
 
     def get_finished(self, finished_req_ids: set[str]
                      ) -> tuple[set[str] | None, set[str] | None]:
-        return self._worker.get_finished(finished_req_ids), None
+        """Held requests whose save is answered, and requests loaded asynchronously whose
+        fill ended (or that finished during it)."""
+        return (self._worker.get_finished(finished_req_ids),
+                self._worker.finished_loads(finished_req_ids))
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.get_block_ids_with_load_errors()
@@ -198,12 +202,17 @@ class KVShareConnector(KVConnectorBase_V1):
     # ------------------------------------------------------------------ scheduler side
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int
                                    ) -> tuple[int | None, bool]:
-        """``None`` while the request's lookup runs in the background: vLLM asks again."""
-        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens), False
+        """``None`` while the request's lookup runs in the background (or the fills in
+        flight are at their cap): vLLM asks again. With ``fill_mode: async`` a claim is
+        loaded asynchronously: the request waits, holding its blocks, while its fill
+        advances a slice per step (see :mod:`kvshare.connector.fill_progress`)."""
+        matched = self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+        return matched, bool(matched) and self._scheduler.loads_async(request.request_id)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
                                  num_external_tokens: int) -> None:
-        self._scheduler.update_state_after_alloc(request, num_external_tokens)
+        self._scheduler.update_state_after_alloc(request, num_external_tokens,
+                                                 blocks.get_block_ids()[0])
 
     def bind_kv_cache_manager(self, kv_cache_manager: KVCacheManager) -> None:
         """Decode corrections read the requests' block ids and their ref counts here."""
@@ -217,6 +226,7 @@ class KVShareConnector(KVConnectorBase_V1):
         meta = connector_output.kv_connector_worker_meta
         self._scheduler.update_connector_output(
             meta if isinstance(meta, KVShareWorkerMetadata) else None)
+        self._scheduler.loads_finished(connector_output.finished_recving or ())
 
     def request_finished(self, request: Request, block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:

@@ -49,7 +49,7 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -191,6 +191,8 @@ class _RequestState:
     origin: _Origin | None = None
     block_ids: list[int] = field(default_factory=list)
     load_due: bool = False
+    load_async: bool = False
+    """vLLM loads this request's claim asynchronously (``fill_mode: async``)."""
     loads_out: int = 0
     """LoadSpecs sent whose report has not come back."""
     report: LoadReport | None = None
@@ -245,6 +247,11 @@ class KVShareScheduler:
         self._catalog_down = False
         """The latest catalog write found the daemon unreachable (written by ``_hits``)."""
         self.gate = QualityGate(gate_settings(config))
+        self._fills_due: list[str] = []
+        """Requests vLLM allocated blocks for an asynchronous load this step: their fills
+        go out with this step's metadata (vLLM schedules them only once filled)."""
+        self._fills_in_flight: set[str] = set()
+        """Requests loaded asynchronously whose fill the worker has not named finished."""
         self._shadows_due: list[ShadowSpec] = []
         """Checks of withheld claims, sent with the next step's metadata."""
         self._withheld_checks: dict[str, str] = {}
@@ -271,6 +278,10 @@ class KVShareScheduler:
                 self._check_withheld(state)
                 state.claim = Claim(num_computed_tokens, num_computed_tokens, 0)
             state.origin = self._origin(state, num_computed_tokens)
+            state.load_async = state.claim.num_claimed > 0 and self.config.fill_mode == "async"
+            if (state.load_async and request.request_id not in self._fills_in_flight
+                    and len(self._fills_in_flight) >= self.config.max_fills_in_flight):
+                return None  # a fill in flight ends within a few steps; vLLM asks again
             return state.claim.num_claimed
         except Exception:
             logger.exception("kvshare: lookup of %s failed; claiming nothing",
@@ -344,7 +355,20 @@ class KVShareScheduler:
         sources = {hit.entry.entry_id: hit.entry for hit in state.result.hits}
         return _Origin(*kv_origin(state.claim, state.result.plan, sources, exact, depth))
 
-    def update_state_after_alloc(self, request: Request, num_external_tokens: int) -> None:
+    def loads_async(self, req_id: str) -> bool:
+        """Whether the claim just answered for this request is loaded asynchronously."""
+        state = self._requests.get(req_id)
+        return state is not None and state.load_async
+
+    def loads_finished(self, req_ids: Iterable[str]) -> None:
+        """The worker named these asynchronous loads finished (``finished_recving``): their
+        fill slots are free."""
+        self._fills_in_flight.difference_update(req_ids)
+
+    def update_state_after_alloc(self, request: Request, num_external_tokens: int,
+                                 block_ids: list[int] | None = None) -> None:
+        """vLLM allocated ``block_ids`` (all of the request's) for the claim; an
+        asynchronous load goes out with this step's metadata."""
         if num_external_tokens <= 0:
             return
         state = self._requests[request.request_id]
@@ -353,10 +377,19 @@ class KVShareScheduler:
                 f"kvshare claimed {state.claim and state.claim.num_claimed} tokens for "
                 f"{request.request_id} but vLLM allocated for {num_external_tokens}")
         state.load_due = True
+        if state.load_async:
+            state.block_ids = list(block_ids or ())
+            self._fills_due.append(request.request_id)
+            self._fills_in_flight.add(request.request_id)
 
     # ------------------------------------------------------------------ per step
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVShareConnectorMetadata:
         meta = KVShareConnectorMetadata()
+        for req_id in self._fills_due:
+            state = self._requests.get(req_id)
+            if state is not None:
+                self._on_scheduled(meta, state)
+        self._fills_due = []
         num_scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             state = self._requests.get(new.req_id)
@@ -437,7 +470,7 @@ class KVShareScheduler:
         return LoadSpec(req_id=request.request_id, token_ids=list(request.prompt_token_ids),
                         block_ids=block_ids, num_computed=claim.start,
                         num_claimed=claim.num_claimed, runs=runs, sources=sources, rho=rho,
-                        adaptive=adaptive,
+                        adaptive=adaptive, load_async=state.load_async,
                         decode_correction=correction_wanted(request, self.config),
                         tail_start=max(claim.start, min(claim.end, tail_start(
                             state.prompt_tokens, self.config))))
@@ -579,6 +612,7 @@ class KVShareScheduler:
         before vLLM sends the output.
         """
         state = self._requests.pop(request.request_id, None)
+        self._fills_in_flight.discard(request.request_id)
         if state is None:
             return None
         if state.lookup is not None:

@@ -1,10 +1,12 @@
 """Worker-side half of the connector (runs in vLLM's worker process, owns the tiers).
 
-Load (``start_load_kv``, before the step's forward; claims are synchronous): for each
-claimed request, fetch the plan's source chunks (from the tiers, or from the save queue
-while a source is still being written), re-rotate keys that moved, then run
-the selective-recompute engine through :class:`VLLMDecoderAdapter`, which attends with
-vLLM's own kernel over the request's blocks and writes K/V with vLLM's own op. Tokens
+Load (``start_load_kv``): for each claimed request, fetch the plan's source chunks (from
+the tiers, or from the save queue while a source is still being written) on the loader
+thread, re-rotate keys that moved, then run the selective-recompute engine, a few
+layers per step while the request waits for its asynchronous load (or all at once, with
+``fill_mode: sync``; see :mod:`kvshare.connector.fill_progress`), through
+:class:`VLLMDecoderAdapter`, which attends with vLLM's own kernel over the request's
+blocks and writes K/V with vLLM's own op. Tokens
 whose chunks are missing, corrupt or mismatching join the recompute set. If the
 selective path raises, the claim is recomputed in full (rho = 1: exact); if that raises
 too, the claimed blocks are reported through ``get_block_ids_with_load_errors`` and
@@ -35,6 +37,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -42,6 +45,7 @@ import torch
 
 from kvshare.config import KVShareConfig
 from kvshare.connector.decode_correction import DecodeCorrector
+from kvshare.connector.fill_progress import FillOutcome, FillProgress, FillSteps, FinishedFill
 from kvshare.connector.metadata import (
     KVShareConnectorMetadata,
     KVShareWorkerMetadata,
@@ -63,7 +67,7 @@ from kvshare.connector.shadow import (
 from kvshare.connector.stats import KVShareConnectorStats
 from kvshare.plugin import loaded_model
 from kvshare.recompute.adapter import ModelAdapter
-from kvshare.recompute.engine import MassBudget, PromptKV, SelectiveRecomputeEngine
+from kvshare.recompute.engine import MassBudget, PromptKV, SelectiveRecomputeEngine, run_to_end
 from kvshare.recompute.hf_adapter import HFDecoderAdapter
 from kvshare.recompute.rope import rerotate_keys
 from kvshare.recompute.vllm_adapter import VLLMDecoderAdapter
@@ -98,6 +102,11 @@ class KVShareWorker:
                         if config.rho_mass > 0 else None)
         """The adaptive DHD budget, for fills whose request does not fix its rho."""
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="kvshare-save-copy")
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="kvshare-fill-load")
+        """Fills' chunk loads (tier reads, decompression, re-rotation: no model work)."""
+        self.fills = FillProgress(self._start_fill)
+        self._loads_done: set[str] = set()
+        """Requests loaded asynchronously whose fill ended, for the next ``get_finished``."""
         self._copies: dict[str, tuple[SaveSpec, Future[torch.Tensor]]] = {}
         """Prompts being copied out of their blocks, from ``wait_for_save`` to the next
         ``begin_step``."""
@@ -185,45 +194,61 @@ class KVShareWorker:
     @torch.inference_mode()
     def start_load_kv(self, meta: KVShareConnectorMetadata) -> None:
         self.corrector.forget(meta.corrections_dropped)
+        # Fills: synchronous ones to their end, asynchronous ones by fill_tokens_per_step
+        # token-layers in all (kvshare.connector.fill_progress).
         for spec in meta.loads:
-            started = time.perf_counter()
-            missing: set[str] = set()
-            try:
-                loaded, recomputed, load_seconds = self._fill(
-                    spec, spec.rho, missing, budget=self._budget if spec.adaptive else None)
-                fallback = False
-            except Exception:
-                logger.exception("kvshare: selective fill of %s failed; recomputing the claim",
-                                 spec.req_id)
-                try:
-                    loaded, recomputed, load_seconds = self._fill(spec, 1.0, missing, load=False)
-                    fallback = True
-                except Exception:
-                    logger.exception("kvshare: full recompute of %s failed; reporting its "
-                                     "blocks as load errors", spec.req_id)
-                    self._load_errors.update(self._claimed_blocks(spec))
-                    self._stats.record_failure()
-                    continue
-            self._out.missing_entries |= missing
-            report = LoadReport(
-                req_id=spec.req_id, claimed=spec.num_claimed, loaded=loaded,
-                recomputed=recomputed, fallback=fallback,
-                seconds=time.perf_counter() - started, load_seconds=load_seconds,
-                sources=len(spec.sources))
-            self._out.loads.append(report)
-            self._stats.record(report)
+            self.fills.add(spec)
+        for done in self.fills.advance(self.config.fill_tokens_per_step):
+            self._fill_ended(done)
         for shadow in meta.shadows:
             self.shadow.submit(shadow)
         self._out.corrections += self.corrector.run(meta.corrections)
 
-    def _fill(self, spec: LoadSpec, rho: float, missing: set[str], load: bool = True,
-              budget: MassBudget | None = None) -> tuple[int, int, float]:
-        """Write K/V for positions ``[num_computed, end)`` into the request's blocks,
-        recomputing ``rho`` of the reused tokens (or what ``budget`` decides).
+    def _fill_ended(self, done: FinishedFill) -> None:
+        """Report a fill that ended. A request loaded asynchronously is named in
+        ``get_finished`` now, also when its fill failed (its blocks are then load errors,
+        which vLLM recomputes)."""
+        spec = done.spec
+        if spec.load_async:
+            self._loads_done.add(spec.req_id)
+        if done.outcome is None:
+            self._load_errors.update(self._claimed_blocks(spec))
+            self._stats.record_failure()
+            return
+        self._out.missing_entries |= done.missing
+        report = LoadReport(
+            req_id=spec.req_id, claimed=spec.num_claimed, loaded=done.outcome.loaded,
+            recomputed=done.outcome.recomputed, fallback=done.fallback,
+            seconds=done.seconds, load_seconds=done.outcome.load_seconds,
+            sources=len(spec.sources))
+        self._out.loads.append(report)
+        self._stats.record(report)
 
-        Returns the claimed tokens loaded, the tokens recomputed, and the seconds spent
-        loading (fetch + re-rotation). Adds to ``missing`` the sources some of whose
-        chunks could not be loaded."""
+    def finished_loads(self, finished_req_ids: set[str]) -> set[str] | None:
+        """Requests loaded asynchronously whose fill ended since the last call, and those
+        that finished (aborted) with their fill in flight: that fill is dropped before it
+        writes again, and vLLM, which kept their blocks meanwhile, may free them."""
+        done = self._loads_done | self.fills.drop(finished_req_ids)
+        self._loads_done = set()
+        return done or None
+
+    def _start_fill(self, spec: LoadSpec, missing: set[str], fallback: bool) -> FillSteps:
+        """The fill of ``spec`` as :class:`FillProgress` runs it: selective, or after a
+        failure the claim recomputed in full (rho = 1: exact, nothing loaded)."""
+        if fallback:
+            return self._fill_steps(spec, 1.0, missing, load=False)
+        return self._fill_steps(spec, spec.rho, missing,
+                                budget=self._budget if spec.adaptive else None)
+
+    def _fill_steps(self, spec: LoadSpec, rho: float, missing: set[str], load: bool = True,
+                    budget: MassBudget | None = None) -> FillSteps:
+        """Write K/V for positions ``[num_computed, end)`` into the request's blocks,
+        recomputing ``rho`` of the reused tokens (or what ``budget`` decides), a layer at a
+        time: vLLM's forward and other fills may use the adapter between two layers, so it
+        is bound to this request's blocks again before each.
+
+        Returns what it loaded and recomputed. Adds to ``missing`` the sources some of
+        whose chunks could not be loaded."""
         adapter, paged = self.adapter, self.paged
         start, end = spec.num_computed, spec.end
         # Rows below ``start`` (vLLM's exact prefix hit) stay in the blocks, where the
@@ -232,14 +257,20 @@ class KVShareWorker:
         # need no zeroing (measured: 4% of a fill).
         kv = PromptKV.empty(adapter, len(spec.token_ids) if self._probes else end,
                             zeroed=False)
-        adapter.bind(spec.block_ids, write_from=start)
+        written: set[int] = set()
+
+        def bind() -> None:
+            adapter.bind(spec.block_ids, write_from=start)
+            adapter.written_layers = written
+
         tracker = self.corrector.track(spec, kv, selective=load)
-        filled = self._selective_fill(spec, adapter, kv, rho, missing, load, budget,
-                                      before_layer=tracker and tracker.before_layer)
+        filled = yield from self._selective_fill_steps(
+            spec, adapter, kv, rho, missing, load, budget,
+            before_layer=tracker and tracker.before_layer, rebind=bind)
         # Layers whose attention the engine skipped (the last one, or all after the
         # tracked set ran empty) still need their rows in the blocks.
         slots = paged.slots(spec.block_ids, start, end)
-        for layer in sorted(set(range(adapter.num_layers)) - adapter.written_layers):
+        for layer in sorted(set(range(adapter.num_layers)) - written):
             paged.write(layer, kv.keys[layer, start:end], kv.values[layer, start:end], slots)
         self.corrector.filled(spec.req_id)
         return filled
@@ -251,29 +282,49 @@ class KVShareWorker:
 
     def _selective_fill(self, spec: LoadSpec, adapter: ModelAdapter, kv: PromptKV, rho: float,
                         missing: set[str], load: bool = True, budget: MassBudget | None = None,
-                        before_layer: BeforeLayer | None = None) -> tuple[int, int, float]:
+                        before_layer: BeforeLayer | None = None) -> FillOutcome:
+        """All of :meth:`_selective_fill_steps` at once (shadow checks, on their thread)."""
+        return run_to_end(self._selective_fill_steps(spec, adapter, kv, rho, missing, load,
+                                                     budget, before_layer))
+
+    def _selective_fill_steps(self, spec: LoadSpec, adapter: ModelAdapter, kv: PromptKV,
+                              rho: float, missing: set[str], load: bool = True,
+                              budget: MassBudget | None = None,
+                              before_layer: BeforeLayer | None = None,
+                              rebind: Callable[[], None] | None = None) -> FillSteps:
         """Load, re-rotate and selectively recompute positions ``[num_computed, end)`` of
         ``kv`` through ``adapter``: the fill itself, shared by the paged fill and shadow
-        checks. ``kv`` has at least ``end`` rows; with probes, the whole prompt's. Returns
-        what :meth:`_fill` returns."""
+        checks. ``kv`` has at least ``end`` rows; with probes, the whole prompt's. The
+        loads run on the loader thread (they touch no model); the recompute yields after
+        each layer, calling ``rebind`` (if any) before each."""
         start, end = spec.num_computed, spec.end
         # Rows past the claim are the tail vLLM computes; they serve only as probes.
         rows = kv if self._probes else PromptKV(kv.keys[:, :end], kv.values[:, :end])
         pending = torch.ones(end, dtype=torch.bool)
         pending[:start] = False
-        load_started = time.perf_counter()
+        load_seconds = 0.0
         if load:
-            self._load_runs(spec, rows, pending, missing)
-        load_seconds = time.perf_counter() - load_started
+            loads = self._loader.submit(self._timed_load_runs, spec, rows, pending, missing)
+            yield loads
+            load_seconds = loads.result()
         loaded = spec.num_claimed - int(pending.sum())
         pending[spec.tail_start:] = True
         engine = SelectiveRecomputeEngine(adapter, rho=rho, check_layers=self.config.check_layers,
                                           select_by=self.config.select_by, budget=budget)
-        result = engine.prefill(spec.token_ids[:rows.num_tokens], rows,
-                                pending.nonzero().flatten(), exact_prefix=start, logits=False,
-                                before_layer=before_layer,
-                                probe_from=end if self._probes else None)
-        return loaded, int(result.tracked.numel()), load_seconds
+        layers = engine.prefill_layers(spec.token_ids[:rows.num_tokens], rows,
+                                       pending.nonzero().flatten(), exact_prefix=start,
+                                       logits=False, before_layer=before_layer,
+                                       probe_from=end if self._probes else None)
+        while True:
+            if rebind is not None:
+                rebind()
+            try:
+                work = next(layers)
+            except StopIteration as done:
+                result = done.value
+                break
+            yield work
+        return FillOutcome(loaded, int(result.tracked.numel()), load_seconds)
 
     def _shadow_check(self, spec: ShadowSpec, before_layer: BeforeLayer
                       ) -> tuple[float, float, int]:
@@ -302,6 +353,14 @@ class KVShareWorker:
             logger.info("kvshare: shadow checks loaded their copy of the model from %s in "
                         "%.1f s", self.model_dir, time.perf_counter() - started)
         return self._reference
+
+    def _timed_load_runs(self, spec: LoadSpec, kv: PromptKV, pending: torch.Tensor,
+                         missing: set[str]) -> float:
+        """:meth:`_load_runs` on the loader thread; returns its seconds."""
+        started = time.perf_counter()
+        with torch.inference_mode():
+            self._load_runs(spec, kv, pending, missing)
+        return time.perf_counter() - started
 
     def _load_runs(self, spec: LoadSpec, kv: PromptKV, pending: torch.Tensor,
                    missing: set[str]) -> None:
@@ -386,5 +445,6 @@ class KVShareWorker:
         if self.shadow is not None:
             self.shadow.close()
         self._copier.shutdown(wait=True)
+        self._loader.shutdown(wait=True)
         self.saves.close()
         self.store.close()
