@@ -212,7 +212,7 @@ class KVShareConfig:
     waits while its fill advances ``fill_tokens_per_step`` per engine step, so running
     requests keep decoding) or ``sync`` (the whole fill in the step that first schedules
     the request; every running request waits for it). See docs/connector.md."""
-    fill_tokens_per_step: int = 1024
+    fill_tokens_per_step: int = 256
     """``fill_mode: async``: fill work per engine step, in token-layers (one position
     through one decoder layer), shared by the fills in flight; a fill advances whole
     layers, at least one per step."""
