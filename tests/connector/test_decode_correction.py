@@ -46,6 +46,25 @@ def stored(engine, report_tokens) -> tuple[str, list[int]]:
     return tenant, base
 
 
+def step_until(llm_engine, done, steps: int = 400) -> None:
+    """Step the engine until ``done()``; a bounded wait, so a stuck engine fails the test."""
+    for _ in range(steps):
+        if done():
+            return
+        llm_engine.step()
+    raise AssertionError(f"not done after {steps} engine steps")
+
+
+def step_until_done(llm_engine, steps: int = 2000) -> dict:
+    """Step until every request finished; their final outputs by request id."""
+    finished = {}
+    for _ in range(steps):
+        if not llm_engine.has_unfinished_requests():
+            return finished
+        finished.update((out.request_id, out) for out in llm_engine.step() if out.finished)
+    raise AssertionError(f"requests still running after {steps} engine steps")
+
+
 def read_rows(paged, block_ids, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values ``[layers, num_tokens, heads, dim]`` of a request's blocks."""
     slots = paged.slots(block_ids, 0, num_tokens)
@@ -157,16 +176,13 @@ def test_blocks_shared_through_the_prefix_cache_are_never_changed(engine, stored
     monkeypatch.setattr(corrector, "run", watched)
     llm_engine, requests = engine.llm.llm_engine, engine.engine_core.scheduler.requests
     first = edit_of(base, 300, report_tokens[30:33])
-    llm_engine.add_request("shared-first", {"prompt_token_ids": first, "cache_salt": tenant},
-                           sampling(12))
-    while not ("shared-first" in requests and requests["shared-first"].num_computed_tokens):
-        llm_engine.step()
+    first_id = llm_engine.add_request("shared-first", {"prompt_token_ids": first,
+                                                       "cache_salt": tenant}, sampling(12))
+    step_until(llm_engine, lambda: first_id in requests and requests[first_id].num_computed_tokens)
     llm_engine.add_request("shared-second", {
         "prompt_token_ids": first[:4 * 128] + report_tokens[:40], "cache_salt": tenant},
         sampling(12, correct=False))
-    finished = {}
-    while llm_engine.has_unfinished_requests():
-        finished.update((o.request_id, o) for o in llm_engine.step() if o.finished)
+    finished = step_until_done(llm_engine)
     (specs, reports, changed), = [r for r in runs if r[0]]
     spec, = specs
     shared = set(spec.block_ids) - set(spec.writable_blocks)
@@ -181,14 +197,12 @@ def test_no_correction_state_outlives_its_request(engine, stored, report_tokens)
     """Finish and abort drop both halves' state (preemption: tests/faults)."""
     tenant, base = stored
     llm_engine, planner = engine.llm.llm_engine, engine.scheduler.corrections
-    llm_engine.add_request("abort-armed", {"prompt_token_ids": edit_of(
+    req_id = llm_engine.add_request("abort-armed", {"prompt_token_ids": edit_of(
         base, 360, report_tokens[40:43]), "cache_salt": tenant}, sampling(8))
-    while "abort-armed" not in planner._armed:
-        llm_engine.step()
-    assert "abort-armed" in engine.worker.corrector.records
-    llm_engine.abort_request(["abort-armed"])
-    while llm_engine.has_unfinished_requests():
-        llm_engine.step()
+    step_until(llm_engine, lambda: req_id in planner._armed)
+    assert req_id in engine.worker.corrector.records
+    llm_engine.abort_request([req_id])
+    step_until_done(llm_engine)
     engine.settle()
     assert not planner.holds()
     assert engine.worker.corrector.records == {} and engine.worker.corrector._trackers == {}
