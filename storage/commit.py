@@ -87,14 +87,15 @@ class LoadedKV:
 
 def fetch_entry_chunks(store: ChunkSource, keys: Sequence[ChunkKey],
                        token_ids: Sequence[int] | np.ndarray, chunk_tokens: int,
-                       layout: KVLayout, chunks: Sequence[int] | None = None
-                       ) -> dict[int, KVChunk]:
+                       layout: KVLayout, chunks: Sequence[int] | None = None,
+                       model_id: str | None = None) -> dict[int, KVChunk]:
     """Fetch an entry's chunks and keep the ones that verify: chunk index -> chunk.
 
     ``keys`` are the entry's chunk keys for ``token_ids`` cut every ``chunk_tokens``
     tokens; ``chunks`` names the chunk indices to fetch (default: all). A fetched chunk
-    is kept only if its tokens, start position and layout are the expected ones (the
-    hash is not trusted alone). Chunk ``i`` covers tokens ``[i * chunk_tokens, ...)``.
+    is kept only if its tokens, start position, layout and (given ``model_id``) model are
+    the expected ones (the hash is not trusted alone). Chunk ``i`` covers tokens
+    ``[i * chunk_tokens, ...)``.
     """
     ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
     spans = chunk_spans(len(ids), chunk_tokens)
@@ -111,7 +112,8 @@ def fetch_entry_chunks(store: ChunkSource, keys: Sequence[ChunkKey],
         start, end = spans[index]
         header = chunk.header
         if (header.layout != layout or header.start_pos != start
-                or header.token_ids != tuple(ids[start:end].tolist())):
+                or header.token_ids != tuple(ids[start:end].tolist())
+                or (model_id is not None and header.model_id != model_id)):
             logger.warning("kvshare: chunk %s does not match its entry (tokens %d..%d); "
                            "recomputing them", header.key.hex(), start, end)
             continue

@@ -145,6 +145,12 @@ class IndexEntry:
     """Leading tokens whose KV is exact; None means all of them."""
 
     def __post_init__(self) -> None:
+        for name in ("entry_id", "model_id", "scope"):
+            try:
+                getattr(self, name).encode()
+            except UnicodeEncodeError:  # one such row would fail every later flush
+                raise ValueError(f"IndexEntry.{name}={getattr(self, name)!r} is not UTF-8 "
+                                 "text; the index cannot store it") from None
         self.embedding = np.ascontiguousarray(self.embedding, dtype=np.float32).reshape(-1)
         self.token_ids = np.ascontiguousarray(self.token_ids, dtype=np.int32).reshape(-1)
         self.text_preview = self.text_preview[:PREVIEW_CHARS]

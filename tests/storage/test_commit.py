@@ -151,3 +151,20 @@ def test_reconciliation_finds_the_entries_whose_chunks_are_gone(tmp_path, codec)
     assert entries_missing_chunks(store, refs, batch_entries=1) == {"lost"}
     assert entries_missing_chunks(store, {"no-chunks": []}) == {"no-chunks"}
     assert stored_chunk_keys(tmp_path / "never-written") == {}
+
+
+def test_a_chunk_of_another_model_under_our_key_is_not_served(tmp_path, codec):
+    """A forged header (another model's KV written under our key) reads as a miss."""
+    import dataclasses
+
+    from kvshare.storage.commit import fetch_entry_chunks
+
+    store = TieredStore([DiskTier(tmp_path, 1 << 20, codec)])
+    entry, ours, _ = prompt("a", list(range(40)), 0)
+    foreign = split_prompt_kv("other-model", random_kv(SMALL, 40, 1), entry.token_ids, 16,
+                              scope="")
+    store.put([dataclasses.replace(chunk, header=dataclasses.replace(chunk.header, key=key))
+               for chunk, key in zip(foreign, entry.keys)])
+    assert len(fetch_entry_chunks(store, entry.keys, entry.token_ids, 16, SMALL)) == 3
+    assert fetch_entry_chunks(store, entry.keys, entry.token_ids, 16, SMALL,
+                              model_id="m") == {}

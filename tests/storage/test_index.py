@@ -213,3 +213,10 @@ def test_reopen_reuses_the_ivf_cache_instead_of_training(tmp_path, rng, monkeypa
     changed = EntryIndex(tmp_path, DIM, ann_min_rows=300, nprobe=1)
     assert changed.stats()["partitions"]["m/<public>"]["ann"] is True
     assert changed.search(moved, "m", [""], 1)[0].entry.entry_id == "v1"
+
+
+@pytest.mark.parametrize("field", ["entry_id", "model_id", "scope"])
+def test_text_the_index_cannot_store_is_refused_by_name(rng, field):
+    fields = {"entry_id": "e", "model_id": "m", "scope": "", field: "\ud800bad"}
+    with pytest.raises(ValueError, match=f"IndexEntry.{field}="):
+        IndexEntry(fields["entry_id"], fields["model_id"], fields["scope"], unit(rng), [1])
