@@ -17,8 +17,9 @@ Two halves, like the connector:
   scheduler knows that token: vLLM CPU schedules synchronously). It names the blocks the
   correction may change: those vLLM's block pool counts one holder for (``ref_cnt == 1``),
   never blocks its prefix cache shares with another running request. Preemption drops
-  the armed state (the resumed request is filled, and armed, again); finish and abort
-  drop everything. The count of corrected tokens joins the load report (``corrected``).
+  the correction (a resumed request that kvshare fills again is armed by that fill; one
+  that vLLM's prefix cache restores decodes over its fill's KV as it was); finish and
+  abort drop everything. The count of corrected tokens joins the load report (``corrected``).
 * :class:`DecodeCorrector` (worker side, on the engine thread in ``start_load_kv``, like
   the fill: vLLM's modules are not thread-safe and on CPU its linear weights exist only
   in oneDNN's packed form) keeps, per filled request, the approx positions and their
@@ -114,8 +115,8 @@ class CorrectionPlanner:
         preempted |= set(cached.resumed_req_ids)
         dropped = {req_id for req_id in preempted if self._armed.pop(req_id, None)}
         for req_id in sorted(dropped):
-            logger.info("kvshare: %s was preempted before its decode correction; it is "
-                        "corrected after its refill", req_id)
+            logger.info("kvshare: %s was preempted before its decode correction; dropped "
+                        "(a refill after it resumes arms a new one)", req_id)
         if not self._armed or self.kv_cache_manager is None:
             return [], dropped
         specs = []

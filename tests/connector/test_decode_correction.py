@@ -9,6 +9,7 @@ mocked.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -46,23 +47,27 @@ def stored(engine, report_tokens) -> tuple[str, list[int]]:
     return tenant, base
 
 
-def step_until(llm_engine, done, steps: int = 400) -> None:
-    """Step the engine until ``done()``; a bounded wait, so a stuck engine fails the test."""
-    for _ in range(steps):
-        if done():
-            return
+STUCK_S = 300.0
+"""A stepped engine that has not got there after this long is stuck (steps waiting for a
+lookup are empty and fast, so the bound is time, not steps)."""
+
+
+def step_until(llm_engine, done) -> None:
+    """Step the engine until ``done()``; a stuck engine fails the test."""
+    deadline = time.monotonic() + STUCK_S
+    while not done():
+        assert time.monotonic() < deadline, f"not done after {STUCK_S:.0f} s of steps"
         llm_engine.step()
-    raise AssertionError(f"not done after {steps} engine steps")
 
 
-def step_until_done(llm_engine, steps: int = 2000) -> dict:
+def step_until_done(llm_engine) -> dict:
     """Step until every request finished; their final outputs by request id."""
     finished = {}
-    for _ in range(steps):
-        if not llm_engine.has_unfinished_requests():
-            return finished
+    deadline = time.monotonic() + STUCK_S
+    while llm_engine.has_unfinished_requests():
+        assert time.monotonic() < deadline, f"requests still running after {STUCK_S:.0f} s"
         finished.update((out.request_id, out) for out in llm_engine.step() if out.finished)
-    raise AssertionError(f"requests still running after {steps} engine steps")
+    return finished
 
 
 def read_rows(paged, block_ids, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,8 +206,10 @@ def test_no_correction_state_outlives_its_request(engine, stored, report_tokens)
         base, 360, report_tokens[40:43]), "cache_salt": tenant}, sampling(8))
     step_until(llm_engine, lambda: req_id in planner._armed)
     assert req_id in engine.worker.corrector.records
-    llm_engine.abort_request([req_id])
-    step_until_done(llm_engine)
+    llm_engine.abort_request([req_id], internal=True)
+    finished = step_until_done(llm_engine)
+    aborted = finished.get("abort-armed")  # aborted: no output, or one that says so
+    assert aborted is None or aborted.outputs[0].finish_reason == "abort"
     engine.settle()
     assert not planner.holds()
     assert engine.worker.corrector.records == {} and engine.worker.corrector._trackers == {}
