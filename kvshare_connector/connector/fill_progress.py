@@ -105,14 +105,16 @@ class FillProgress:
         missing: set[str] = set()
         self._pending.append(PendingFill(spec, self._start(spec, missing, False), missing))
 
-    def advance(self, budget: int) -> list[FinishedFill]:
+    def advance(self, budget: int | None) -> list[FinishedFill]:
         """Run every synchronous fill to its end, then asynchronous ones, oldest first, for
         up to ``budget`` token-layers of model work in all (whole layers; the first layer
-        always runs). Returns the fills that ended."""
-        finished = [self._run(fill) for fill in self._pending if not fill.spec.load_async]
+        always runs), or all of them to their end when ``budget`` is None (a step that
+        computes no request: nobody waits for the fills). Returns the fills that ended."""
+        finished = [self._run(fill) for fill in self._pending
+                    if budget is None or not fill.spec.load_async]
         work = 0
         for fill in [fill for fill in self._pending if fill.spec.load_async]:
-            if work >= budget:
+            if budget is None or work >= budget:
                 break
             work, done = self._advance(fill, budget, work)
             if done is not None:

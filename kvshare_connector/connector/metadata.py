@@ -185,6 +185,9 @@ class KVShareConnectorMetadata(KVConnectorMetadata):
     corrections_dropped: set[str] = field(default_factory=set)
     """Requests preempted since the last step: the worker forgets their fills' records
     (a resumed request is filled again and corrected from that fill)."""
+    fills_unbounded: bool = False
+    """vLLM computes no request this step: the fills in flight run to their end, since
+    no running request waits for them."""
 
 
 @dataclass

@@ -419,6 +419,7 @@ class KVShareScheduler:
         meta.corrections, meta.corrections_dropped = self.corrections.plan(scheduler_output)
         meta.shadows += self._shadows_due
         self._shadows_due = []
+        meta.fills_unbounded = scheduler_output.total_num_scheduled_tokens == 0
         return meta
 
     def delays_free(self, req_id: str) -> bool:

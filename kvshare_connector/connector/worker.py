@@ -195,10 +195,12 @@ class KVShareWorker:
     def start_load_kv(self, meta: KVShareConnectorMetadata) -> None:
         self.corrector.forget(meta.corrections_dropped)
         # Fills: synchronous ones to their end, asynchronous ones by fill_tokens_per_step
-        # token-layers in all (kvshare.connector.fill_progress).
+        # token-layers in all, or to their end in a step that computes no request
+        # (kvshare.connector.fill_progress).
         for spec in meta.loads:
             self.fills.add(spec)
-        for done in self.fills.advance(self.config.fill_tokens_per_step):
+        budget = None if meta.fills_unbounded else self.config.fill_tokens_per_step
+        for done in self.fills.advance(budget):
             self._fill_ended(done)
         for shadow in meta.shadows:
             self.shadow.submit(shadow)

@@ -91,6 +91,17 @@ class Watch:
             self.step()
         raise AssertionError(f"not done after {max_steps} engine steps")
 
+    def start_runner(self, prompt: list[int], tenant: str, max_tokens: int = 1500) -> str:
+        """A request decoding from now on: fills run to their end in a step that computes
+        no request, so the tests keep one running."""
+        runner = self.add(f"{tenant}-runner", prompt, f"{tenant}-runner", max_tokens)
+        self.until(lambda: self.tokens.get(runner, 0) >= 2)
+        return runner
+
+    def stop(self, runner: str) -> None:
+        self.llm_engine.abort_request([runner], internal=True)
+        step_until_done(self.llm_engine)
+
     def decoded_while_filling(self, runner: str, hit: str) -> list[int]:
         """Tokens the runner produced in each step after which the hit's fill was still in
         flight."""
@@ -107,12 +118,10 @@ def hit_beside_a_decoding_request(engine, tenant, hit, runner_prompt
     """The hit arrives while another request decodes; returns the watch, the hit's output
     and the (runner, hit) ids. The runner is aborted once the hit is answered."""
     watch = Watch(engine)
-    runner = watch.add(f"{tenant}-runner", runner_prompt, f"{tenant}-runner", 400)
-    watch.until(lambda: watch.tokens.get(runner, 0) >= 2)
+    runner = watch.start_runner(runner_prompt, tenant, 400)
     hit_id = watch.add(f"{tenant}-hit", hit, tenant, 8)
     watch.until(lambda: hit_id in watch.finished)
-    watch.llm_engine.abort_request([runner], internal=True)
-    step_until_done(watch.llm_engine)
+    watch.stop(runner)
     return watch, watch.finished[hit_id], (runner, hit_id)
 
 
@@ -144,10 +153,12 @@ def test_a_running_request_decodes_while_a_hit_is_filled(engine, base, hit, runn
 
 
 def test_an_abort_during_a_fill_drops_it_before_vllm_frees_its_blocks(engine, tenant, hit,
+                                                                      runner_prompt,
                                                                       small_slices):
     scheduler = engine.engine_core.scheduler
     free_before = scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
     watch = Watch(engine)
+    runner = watch.start_runner(runner_prompt, tenant)
     hit_id = watch.add("abort-during-fill", hit, tenant, 8)
     watch.until(lambda: hit_id in engine.worker.fills.in_flight)
     watch.llm_engine.abort_request([hit_id], internal=True)
@@ -155,6 +166,7 @@ def test_an_abort_during_a_fill_drops_it_before_vllm_frees_its_blocks(engine, te
     watch.until(lambda: hit_id not in scheduler.requests)
     assert hit_id not in engine.worker.fills.in_flight
     assert not engine.scheduler._fills_in_flight
+    watch.stop(runner)
     assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == free_before
     again = engine.run(hit, tenant)
     assert report(again)["claimed"] > 0 and not report(again)["fallback"]
@@ -166,8 +178,7 @@ def test_a_request_preempted_during_a_fill_resumes_and_the_fill_completes(
     decoding request is preempted (as vLLM does when out of blocks) mid-fill."""
     scheduler = engine.engine_core.scheduler
     watch = Watch(engine)
-    runner = watch.add("preempted-runner", runner_prompt, tenant + "-runner", 24)
-    watch.until(lambda: watch.tokens.get(runner, 0) >= 2)
+    runner = watch.start_runner(runner_prompt, tenant, 24)
     hit_id = watch.add("hit-beside-preemption", hit, tenant, 8)
     watch.until(lambda: hit_id in engine.worker.fills.in_flight)
     request = scheduler.requests[runner]
@@ -178,18 +189,20 @@ def test_a_request_preempted_during_a_fill_resumes_and_the_fill_completes(
     filled = watch.finished[hit_id]
     assert report(filled)["claimed"] > 0 and not report(filled)["fallback"]
     assert len(filled.outputs[0].token_ids) == 8
-    alone = engine.run(runner_prompt, tenant + "-runner-alone", max_tokens=24)
+    alone = engine.run(runner_prompt, tenant + "-alone", max_tokens=24)
     assert watch.finished[runner].outputs[0].token_ids == alone.outputs[0].token_ids
 
 
-def test_fills_in_flight_are_capped(engine, tenant, hit, base, report_tokens, small_slices,
-                                    monkeypatch):
+def test_fills_in_flight_are_capped(engine, tenant, hit, base, report_tokens, runner_prompt,
+                                    small_slices, monkeypatch):
     monkeypatch.setattr(engine.scheduler, "config",
                         replace(engine.scheduler.config, max_fills_in_flight=1))
     watch = Watch(engine)
+    runner = watch.start_runner(runner_prompt, tenant)
     ids = [watch.add(f"capped-{at}", edit_of(base, at, report_tokens[at:at + 3]), tenant, 4)
            for at in (310, 330, 350)]
     watch.until(lambda: set(ids) <= set(watch.finished))
+    watch.stop(runner)
     assert max(len(in_flight) for in_flight, _, _ in watch.steps) == 1
     filled_in = [next(i for i, (in_flight, _, _) in enumerate(watch.steps) if req in in_flight)
                  for req in ids]

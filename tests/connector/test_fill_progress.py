@@ -110,3 +110,14 @@ def test_every_step_runs_at_least_one_layer(budget):
     progress.add(spec("a"))
     progress.advance(budget)
     assert fills.ran == [("a", 0, False)]
+
+
+def test_without_a_budget_every_fill_runs_to_its_end():
+    fills = Fills()
+    fills.loads["b"] = Future()
+    fills.loads["b"].set_result(None)
+    progress = FillProgress(fills.start)
+    progress.add(spec("a"))
+    progress.add(spec("b"))
+    assert [d.spec.req_id for d in progress.advance(None)] == ["a", "b"]
+    assert len(fills.ran) == 8 and progress.in_flight == []
