@@ -169,6 +169,8 @@ def test_a_claimed_request_is_preempted_resumed_and_refilled(engine, report_toke
 
 
 def test_aborts_while_the_lookup_runs_and_after_the_load(engine, stored, report_tokens):
+    from vllm.v1.request import RequestStatus
+
     tenant, base = stored
     llm_engine = engine.llm.llm_engine
     early = llm_engine.add_request("abort-early", {"prompt_token_ids": edit_of(
@@ -179,10 +181,10 @@ def test_aborts_while_the_lookup_runs_and_after_the_load(engine, stored, report_
     late = llm_engine.add_request("abort-late", {"prompt_token_ids": edit_of(
         base, 233, report_tokens[60:63]), "cache_salt": tenant}, sampling(8))
     requests = engine.engine_core.scheduler.requests
-    while not (late in requests and requests[late].num_computed_tokens):
-        llm_engine.step()  # until the claimed prefill (load + forward) has run
+    while not (late in requests and requests[late].status == RequestStatus.RUNNING):
+        llm_engine.step()  # until its load has ended and its prefill ran
     llm_engine.abort_request([late], internal=True)
-    assert late not in requests
+    assert late not in requests or requests[late].is_finished()  # a save in flight holds it
     step_until_done(llm_engine)
     assert report(engine.run(edit_of(base, 244, report_tokens[70:73]), tenant))["claimed"]
 
