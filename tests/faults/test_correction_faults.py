@@ -1,15 +1,15 @@
 """Request faults during a decode correction: preemption, abort, and a correction that
 raises.
 
-Preemption drops the correction: a resumed request is corrected only if it is filled
-again (here vLLM's prefix cache still holds its blocks, so it is not). A reused request
-with the correction on (``kvshare_decode_correction``) is armed once its
+A reused request with the correction on (``kvshare_decode_correction``) is armed once its
 fill's load report is in; its correction runs before vLLM's forward of its first
-generated token, in the next step. "During a correction" is that window: the engine is
-stepped by hand until the request is armed, and the fault lands before the correction
-step. The correction changes only approximate KV, so full compute equality holds for the
-requests beside it (fresh tenants), and for the faulted request where the correction
-never ran: its answer is the one the connector gives with the correction off.
+generated token. "During a correction" is that window: the engine is stepped by hand
+until the request is armed and running, and the fault lands before the correction step.
+Preemption drops the correction: a resumed request is corrected only if it is filled
+again (here vLLM's prefix cache still holds its blocks, so it is not). The correction
+changes only approximate KV, so full compute equality holds for the requests beside it
+(fresh tenants), and for the faulted request where the correction never ran: its answer
+is the one the connector gives with the correction off.
 """
 
 from __future__ import annotations
@@ -47,10 +47,13 @@ def step_until_done(llm_engine) -> dict:
 
 
 def step_until_armed(engine, req_id: str) -> None:
-    """Step until the request's fill is reported and its correction is due next step."""
+    """Step until the request's fill is reported and it runs, its correction due in one of
+    its next steps (an asynchronous fill ends before vLLM schedules the request again)."""
     llm_engine, planner = engine.llm.llm_engine, engine.scheduler.corrections
+    scheduler = engine.engine_core.scheduler
     deadline = time.monotonic() + STUCK_S
-    while req_id not in planner._armed:
+    while not (req_id in planner._armed
+               and any(request.request_id == req_id for request in scheduler.running)):
         assert llm_engine.has_unfinished_requests(), f"{req_id} finished unarmed"
         assert time.monotonic() < deadline, f"{req_id} not armed after {STUCK_S:.0f} s"
         llm_engine.step()
