@@ -271,9 +271,9 @@ class CacheAwareAsyncScheduler(CacheAwareMixin, AsyncScheduler):
 
 def _kvshare_claims(connector: object | None) -> KVShareScheduler | None:
     """The kvshare connector's scheduler half, or None when vLLM runs another connector or
-    none. The scheduler half lives in the connector's ``_scheduler``."""
+    none."""
     from kvshare.connector.connector import KVShareConnector
 
     if isinstance(connector, KVShareConnector):
-        return connector._scheduler
+        return connector.claims
     return None

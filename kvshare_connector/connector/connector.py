@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
+    from kvshare.connector.scheduler import KVShareScheduler
+
 logger = logging.getLogger(__name__)
 
 
@@ -125,6 +127,12 @@ class KVShareConnector(KVConnectorBase_V1):
             self._worker = KVShareWorker(config, model_id, model_dir)
 
     @property
+    @property
+    def claims(self) -> KVShareScheduler | None:
+        """The scheduler half (in the EngineCore process; None in workers), for
+        :mod:`kvshare.scheduler`."""
+        return self._scheduler
+
     def requires_kv_delivery(self) -> bool:
         """A cache, not a hand-off: a dropped save is a future miss."""
         return False

@@ -115,6 +115,16 @@ def tenant_of(request: Request, default_tenant: str = PUBLIC_SCOPE) -> str:
     return request.cache_salt or default_tenant
 
 
+def encodable(name: str) -> bool:
+    """Whether ``name`` is UTF-8 text, as the index, chunk keys and the daemon's messages
+    need (a ``cache_salt`` holding a lone surrogate is not): other tenants claim nothing."""
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def stores(request: Request) -> bool:
     """Whether the request lets kvshare store its prompt (``STORE_ARG``)."""
     extra = request.sampling_params.extra_args if request.sampling_params else None
@@ -314,7 +324,7 @@ class KVShareScheduler:
         None when there is nothing to reuse (too short, failed, timed out)."""
         if state.gave_up or state.result is not None:
             return True
-        if state.prompt_tokens < 2:
+        if state.prompt_tokens < 2 or not encodable(state.tenant):
             state.gave_up = True
             return True
         if state.lookup is None:

@@ -384,7 +384,8 @@ class KVShareWorker:
                           for run in runs]
             held = fetch_entry_chunks(
                 self.saves, [bytes.fromhex(k) for k in source.chunk_keys], source.token_ids,
-                ct, self.layout, chunks={i for _, touched in touched_by for i in touched})
+                ct, self.layout, chunks={i for _, touched in touched_by for i in touched},
+                model_id=self.model_id)
             for run, touched in touched_by:
                 delta = run.dst_start - run.src_start
                 for index in touched:

@@ -488,3 +488,19 @@ def test_token_ids_that_decode_to_invalid_utf8_are_served(server, tokenizer):
     assert _claimed(filled) > 0, filled.get("kv_transfer_params")
     assert _first_token(filled) == _first_token(_complete(server, edit, "edge-utf8-fresh"))
     assert server.healthy()
+
+
+def test_a_tenant_that_is_not_utf8_claims_and_stores_nothing():
+    """A lone surrogate in ``cache_salt`` (reachable through Python's ``LLM.generate``)
+    cannot be held by the index, chunk keys or msgpack: such a request takes the
+    no-reuse path instead of poisoning the index's writes."""
+    from types import SimpleNamespace
+
+    from kvshare.connector.scheduler import KVShareScheduler, _RequestState, encodable
+
+    assert encodable("acme") and encodable("é/..'") and not encodable("\ud800bad")
+    request = SimpleNamespace(request_id="r", cache_salt="\ud800bad",
+                              prompt_token_ids=list(range(100)), sampling_params=None)
+    state = _RequestState(request, request.cache_salt, 100)
+    assert KVShareScheduler._lookup_ready(None, state) and state.gave_up
+    assert state.lookup is None and state.result is None  # no lookup, so no claim or save
