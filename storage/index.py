@@ -253,6 +253,8 @@ class EntryIndex:
         self._id_of_label: dict[int, str] = {}
         self._next_label = 0
         self._partitions: dict[tuple[str, str], VectorPartition] = {}
+        """(model, scope) -> its vectors; only non-empty partitions: a scope whose last
+        entry goes loses its partition, so short-lived tenants leave nothing behind."""
         self._total_tokens = 0
         self._lru: list[tuple[float, str]] = []
         """Heap of (last_used_at, entry id). Every entry has an item with its current
@@ -549,7 +551,11 @@ class EntryIndex:
             self._total_tokens -= entry.num_tokens
             by_partition.setdefault((entry.model_id, entry.scope), []).append(label)
         for key, labels in by_partition.items():
-            self._partitions[key].remove(np.array(labels, np.int64))
+            partition = self._partitions[key]
+            partition.remove(np.array(labels, np.int64))
+            if not partition:
+                # A training of it in flight swaps its IVF into this orphan: harmless.
+                del self._partitions[key]
 
     def _delete_locked(self, entry_ids: Sequence[str]) -> None:
         """Forget present entries and queue their deletes.

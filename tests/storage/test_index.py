@@ -80,6 +80,22 @@ def test_search_never_crosses_model_or_scope(tmp_path, rng):
     assert index.search(shared, "m3", ["tenant-a", ""], 10) == []
 
 
+def test_a_scope_whose_entries_are_all_gone_leaves_no_partition(tmp_path, rng):
+    # Short-lived tenants (a fresh cache_salt per session) must not grow the index's
+    # memory after their entries are evicted or deleted.
+    index = EntryIndex(tmp_path, DIM, max_entries=2)
+    for i in range(6):
+        index.add([entry(rng, i, scope=f"tenant-{i}")])
+    assert set(index.stats()["partitions"]) == {"m/tenant-4", "m/tenant-5"}
+    assert index.delete(["e5"]) == 1
+    assert set(index.stats()["partitions"]) == {"m/tenant-4"}
+    again = entry(rng, 5, scope="tenant-5")
+    index.add([again])
+    assert [h.entry.entry_id for h in index.search(again.embedding, "m", ["tenant-5"], 5)] \
+        == ["e5"]
+    assert index.search(again.embedding, "m", ["tenant-0"], 5) == []
+
+
 def test_delete_and_readd_are_durable(tmp_path, rng):
     entries = [entry(rng, i) for i in range(6)]
     with EntryIndex(tmp_path, DIM) as index:
