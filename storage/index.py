@@ -93,6 +93,13 @@ TABLE_NAME = "entries"
 PREVIEW_CHARS = 200
 RECONCILE_BATCH = 256
 """Entries per ``has_chunks`` call in ``reconcile``."""
+LANCE_CACHE_BYTES = 16 << 20
+"""Cap of each of LanceDB's caches (metadata, index) for an open index. LanceDB caches
+the manifest and fragment metadata of every table version it writes, and each flush
+writes one to three versions; its defaults (1 GiB metadata, 6 GiB index) let a
+long-running writer grow by the metadata of every version ever written (measured: 3.8 MB
+after 160 small writes, not released by ``compact``). The index reads LanceDB only at open
+and has no LanceDB vector index, so a small cache costs nothing it uses."""
 
 # compact() deletes all old versions on purpose (its docstring says why it is safe here);
 # lancedb warns about that on every call.
@@ -266,7 +273,9 @@ class EntryIndex:
         self._pending_deletes: set[str] = set()
         self.path.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = lancedb.connect(str(self.path))
+            self._session = lancedb.Session(index_cache_size_bytes=LANCE_CACHE_BYTES,
+                                            metadata_cache_size_bytes=LANCE_CACHE_BYTES)
+            self._db = lancedb.connect(str(self.path), session=self._session)
             self._table = self._open_table()
             self._load()
         except _LANCE_READ_ERRORS as exc:

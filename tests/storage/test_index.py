@@ -96,6 +96,19 @@ def test_a_scope_whose_entries_are_all_gone_leaves_no_partition(tmp_path, rng):
     assert index.search(again.embedding, "m", ["tenant-0"], 5) == []
 
 
+def test_lancedb_caches_stay_within_their_cap_over_many_flushes(tmp_path, rng, monkeypatch):
+    # LanceDB caches every written version's metadata (about 600 kB after 50 one-row
+    # writes with its default caps); a long-running daemon must not keep all of them.
+    cap = 128 << 10
+    monkeypatch.setattr(index_module, "LANCE_CACHE_BYTES", cap)
+    index = EntryIndex(tmp_path, DIM, auto_flush=False)
+    for i in range(60):
+        index.add([entry(rng, i)])
+        index.flush()
+    assert len(index) == 60
+    assert index._session.size_bytes <= cap
+
+
 def test_delete_and_readd_are_durable(tmp_path, rng):
     entries = [entry(rng, i) for i in range(6)]
     with EntryIndex(tmp_path, DIM) as index:
