@@ -127,12 +127,12 @@ class KVShareConnector(KVConnectorBase_V1):
             self._worker = KVShareWorker(config, model_id, model_dir)
 
     @property
-    @property
     def claims(self) -> KVShareScheduler | None:
         """The scheduler half (in the EngineCore process; None in workers), for
         :mod:`kvshare.scheduler`."""
         return self._scheduler
 
+    @property
     def requires_kv_delivery(self) -> bool:
         """A cache, not a hand-off: a dropped save is a future miss."""
         return False
