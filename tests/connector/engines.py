@@ -5,6 +5,7 @@ See ``conftest.py`` for how the engines start.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,21 @@ vLLM's chunked prefill splits it too."""
 KV_CACHE_BLOCKS = 20
 """Blocks of 128 tokens in the in-process engine's KV cache: more than one 2,048-token
 request needs, few enough that two long requests preempt each other."""
+
+
+def spawn_engines_in_children() -> None:
+    """Make the next ``LLM(...)`` run its EngineCore in a spawned child process.
+
+    The session's in-process ``engine`` freezes vLLM's environment reads at its start-up
+    (``vllm.envs.enable_envs_cache``), so setting ``VLLM_ENABLE_V1_MULTIPROCESSING`` alone
+    would start the next engine in this process too, and shutting that one down tears
+    down this process's distributed state under the in-process engine."""
+    from vllm import envs
+
+    os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "1"
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"  # safe beside in-process engines
+    envs.disable_envs_cache()
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from engines import spawn_engines_in_children
 from vllm import SamplingParams
 from vllm.v1.request import Request, RequestStatus
 
@@ -216,7 +217,6 @@ def cache_aware_engine(tmp_path_factory):
     """One vLLM engine (EngineCore in a spawned child, as users run it) with kvshare's
     connector and ``scheduler_cls`` set; one request runs at a time (``max_num_seqs=1``),
     so the order in which requests get the seat is the order the scheduler admits them."""
-    import os
 
     from vllm import LLM
     from vllm.config import KVTransferConfig
@@ -224,9 +224,7 @@ def cache_aware_engine(tmp_path_factory):
     from kvshare.config import KVShareConfig
     from kvshare.model_assets import resolve_model_dir
 
-    os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "1"
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
-    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"  # safe beside in-process engines
+    spawn_engines_in_children()
     home = tmp_path_factory.mktemp("kvshare-cache-aware")
     extra = {"home": str(home), "cpu_bytes": 0, "disk_dir": str(home / "chunks"),
              "share_public_scope": False, "shadow_sample_rate": 0.0,

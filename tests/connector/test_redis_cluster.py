@@ -7,11 +7,11 @@ them, read back from the cluster by the worker (the masters count the GETs).
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 
 import pytest
+from engines import spawn_engines_in_children
 
 from kvshare.model_assets import resolve_model_dir
 from kvshare.model_identity import model_fingerprint
@@ -45,9 +45,7 @@ def cluster_engine(tmp_path_factory, cluster) -> ClusterEngine:
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
-    os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "1"
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
-    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"  # safe beside in-process engines
+    spawn_engines_in_children()
     home = tmp_path_factory.mktemp("kvshare-redis-cluster")
     extra = {"home": str(home), "cpu_bytes": 0, "disk_dir": "none",
              "redis_url": cluster.url, "chunk_tokens": CHUNK_TOKENS,
