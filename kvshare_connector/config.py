@@ -224,8 +224,8 @@ class KVShareConfig:
     shadow_sample_rate: float = 0.01
     """Share of claimed requests whose fill is also compared with full compute in the
     background (a shadow check, on the prompt's last 32 positions); 0 checks none, which
-    leaves the gate open. The first check loads the checks' own copy of the model's
-    weights into the worker (see connector/shadow.py)."""
+    leaves the gate open. Above 0 the worker loads the checks' own copy of the model's
+    weights at start-up (see connector/shadow.py)."""
     shadow_min_top1: float = 0.75
     """A check passes when at least this share of the compared positions' most likely next
     token is full compute's ..."""

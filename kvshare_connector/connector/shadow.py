@@ -22,7 +22,7 @@ returned non-finite logits. Nor can a check compute with torch from vLLM's weigh
 vLLM reorders every linear layer's weight into oneDNN's packed layout and replaces
 ``layer.weight`` by an empty tensor (``dispatch_cpu_unquantized_gemm(remove_weight=True)``),
 so no plain ``[out, in]`` weight is left to read. A check therefore owns its model,
-loaded from the served model's directory at the first check (off the request path): one
+loaded from the served model's directory at the worker's start-up (when checks are on): one
 more copy of the weights in the worker's memory, their size in the model's dtype (about
 270 MB for SmolLM2-135M in bf16, 14 GB for a 7B model). Its numerics are transformers'
 (torch SDPA, the residual added in the model dtype), which differ from vLLM's prefill by
