@@ -316,7 +316,7 @@ def _ms(value: float | None) -> str:
 # ------------------------------------------------------------------------ run
 def run(args: argparse.Namespace) -> int:
     from kvshare.bench.engine_config import base_config, connector_config
-    from kvshare.bench.quality import _parse_seeds, prepare_pairs
+    from kvshare.bench.quality import excluded_seeds, prepare_pairs
     from kvshare.bench.vllm_runner import EngineSpec, Req, run_engine, warmup_requests
     from kvshare.model_assets import resolve_model_dir
 
@@ -325,9 +325,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tokens < 2:
         raise SystemExit(f"--tokens must be >= 2 (TPOT needs two), got {args.tokens}")
     check_prompt_lengths(args)
-    excluded = _parse_seeds(args.exclude_seeds)
-    if args.seed in excluded:
-        raise SystemExit(f"--seed {args.seed} is also in --exclude-seeds {args.exclude_seeds}")
+    excluded = excluded_seeds(args)
     base = base_config(args.config, args.sets)
     started = time.perf_counter()
     pairs = prepare_pairs(args, base, excluded)

@@ -662,16 +662,14 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from kvshare.bench.engine_config import base_config
-    from kvshare.bench.quality import _parse_seeds, prepare_pairs
+    from kvshare.bench.quality import excluded_seeds, prepare_pairs
 
     if args.pairs < 2:
         raise SystemExit(f"--pairs must be >= 2 (half similar, half edits), got {args.pairs}")
     if not 1 <= args.steps <= MAX_NEW_TOKENS:
         raise SystemExit(f"--steps must be in [1, {MAX_NEW_TOKENS}], got {args.steps}")
     check_prompt_lengths(args)
-    excluded = _parse_seeds(args.exclude_seeds)
-    if args.seed in excluded:
-        raise SystemExit(f"--seed {args.seed} is also in --exclude-seeds {args.exclude_seeds}")
+    excluded = excluded_seeds(args)
     config = base_config(args.config, args.sets)
     config = type(config).from_dict({**config.to_dict(), "min_reuse_fraction": 0.0,
                                      "min_reuse_tokens": 1})  # as bench quality: claim any reuse

@@ -264,9 +264,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.min_reuse_fraction <= 1.0:
         raise SystemExit(
             f"--min-reuse-fraction must be in [0, 1], got {args.min_reuse_fraction}")
-    excluded = _parse_seeds(args.exclude_seeds)
-    if args.seed in excluded:
-        raise SystemExit(f"--seed {args.seed} is also in --exclude-seeds {args.exclude_seeds}")
+    excluded = excluded_seeds(args)
     check_prompt_lengths(args)
     base = base_config(args.config, args.sets)
     ignored = ignored_environment()
@@ -305,12 +303,16 @@ def _parse_systems(value: str) -> list[str]:
     return systems
 
 
-def _parse_seeds(value: str) -> list[int]:
+def excluded_seeds(args: argparse.Namespace) -> list[int]:
+    """``--exclude-seeds`` as integers; ``--seed`` must not be among them (held out)."""
     try:
-        return [int(part) for part in value.split(",") if part.strip()]
+        excluded = [int(part) for part in args.exclude_seeds.split(",") if part.strip()]
     except ValueError:
         raise SystemExit(f"--exclude-seeds expects integers separated by commas, got "
-                         f"{value!r}") from None
+                         f"{args.exclude_seeds!r}") from None
+    if args.seed in excluded:
+        raise SystemExit(f"--seed {args.seed} is also in --exclude-seeds {args.exclude_seeds}")
+    return excluded
 
 
 @dataclass

@@ -50,6 +50,7 @@ import torch
 
 from kvshare.config import KVShareConfig
 from kvshare.connector.metadata import CorrectionReport, CorrectionSpec, LoadReport, LoadSpec
+from kvshare.connector.paged_kv import slots_of
 from kvshare.recompute.engine import PromptKV, SelectiveRecomputeEngine
 from kvshare.recompute.vllm_adapter import VLLMDecoderAdapter
 
@@ -246,13 +247,6 @@ class _PickedRowsAdapter(VLLMDecoderAdapter):
         self._paged.write(layer, keys[q_positions], values[q_positions], slots)
         self.written_layers.add(layer)
         return self._paged_attention(layer, q, q_positions)
-
-
-def slots_of(block_ids: list[int] | torch.Tensor, positions: torch.Tensor,
-             block_size: int) -> torch.Tensor:
-    """int64 slots of arbitrary ``positions`` of a request holding ``block_ids``."""
-    blocks = torch.as_tensor(block_ids, dtype=torch.int64)[positions // block_size]
-    return blocks * block_size + positions % block_size
 
 
 class DecodeCorrector:

@@ -55,9 +55,8 @@ class PagedKV:
 
     def slots(self, block_ids: list[int] | torch.Tensor, start: int, end: int) -> torch.Tensor:
         """int64 slots of positions ``[start, end)`` of a request holding ``block_ids``."""
-        positions = torch.arange(start, end, dtype=torch.int64)
-        blocks = torch.as_tensor(block_ids, dtype=torch.int64)[positions // self.block_size]
-        return blocks * self.block_size + positions % self.block_size
+        return slots_of(block_ids, torch.arange(start, end, dtype=torch.int64),
+                        self.block_size)
 
     def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor,
               slots: torch.Tensor) -> None:
@@ -123,6 +122,13 @@ class PagedKV:
         no_slots = torch.empty(0, dtype=torch.int64)
         for cache in self.caches:
             self.layout.gather(cache, no_slots)
+
+
+def slots_of(block_ids: list[int] | torch.Tensor, positions: torch.Tensor,
+             block_size: int) -> torch.Tensor:
+    """int64 slots of arbitrary ``positions`` of a request holding ``block_ids``."""
+    blocks = torch.as_tensor(block_ids, dtype=torch.int64)[positions // block_size]
+    return blocks * block_size + positions % block_size
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

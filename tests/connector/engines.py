@@ -6,6 +6,7 @@ See ``conftest.py`` for how the engines start.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,23 @@ vLLM's chunked prefill splits it too."""
 KV_CACHE_BLOCKS = 20
 """Blocks of 128 tokens in the in-process engine's KV cache: more than one 2,048-token
 request needs, few enough that two long requests preempt each other."""
+
+STUCK_S = 300.0
+"""A stepped engine that has not got there after this long is stuck (steps waiting for a
+lookup are empty and fast, so the bound is time, not steps)."""
+
+
+def step_until_done(llm_engine, on_step=None) -> dict:
+    """Step until every request finished (calling ``on_step`` after each step); their final
+    outputs by request id. A stuck engine fails the test."""
+    finished = {}
+    deadline = time.monotonic() + STUCK_S
+    while llm_engine.has_unfinished_requests():
+        assert time.monotonic() < deadline, f"requests still running after {STUCK_S:.0f} s"
+        finished.update((out.request_id, out) for out in llm_engine.step() if out.finished)
+        if on_step is not None:
+            on_step()
+    return finished
 
 
 def spawn_engines_in_children() -> None:

@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from engines import STUCK_S, step_until_done
 
 from kvshare.connector.decode_correction import CORRECTION_ARG
 from kvshare.recompute.engine import PromptKV, SelectiveRecomputeEngine
@@ -47,27 +48,12 @@ def stored(engine, report_tokens) -> tuple[str, list[int]]:
     return tenant, base
 
 
-STUCK_S = 300.0
-"""A stepped engine that has not got there after this long is stuck (steps waiting for a
-lookup are empty and fast, so the bound is time, not steps)."""
-
-
 def step_until(llm_engine, done) -> None:
     """Step the engine until ``done()``; a stuck engine fails the test."""
     deadline = time.monotonic() + STUCK_S
     while not done():
         assert time.monotonic() < deadline, f"not done after {STUCK_S:.0f} s of steps"
         llm_engine.step()
-
-
-def step_until_done(llm_engine) -> dict:
-    """Step until every request finished; their final outputs by request id."""
-    finished = {}
-    deadline = time.monotonic() + STUCK_S
-    while llm_engine.has_unfinished_requests():
-        assert time.monotonic() < deadline, f"requests still running after {STUCK_S:.0f} s"
-        finished.update((out.request_id, out) for out in llm_engine.step() if out.finished)
-    return finished
 
 
 def read_rows(paged, block_ids, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

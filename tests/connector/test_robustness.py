@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from engines import TAIL
+from engines import TAIL, step_until_done
 
 pytestmark = pytest.mark.engine
 
@@ -122,17 +122,6 @@ def test_a_similar_prompt_reuses_one_whose_save_is_in_flight(engine, report_toke
     engine.settle()
     assert claimed_to_the_tail(edited) and report(edited)["loaded"] > report(edited)["claimed"] // 2
     assert len(engine.entries(tenant)) == 2  # the base, then its edit
-
-
-def step_until_done(llm_engine, on_step=None) -> dict:
-    finished = {}
-    while llm_engine.has_unfinished_requests():
-        for out in llm_engine.step():
-            if out.finished:
-                finished[out.request_id] = out
-        if on_step is not None:
-            on_step()
-    return finished
 
 
 def sampling(max_tokens: int):

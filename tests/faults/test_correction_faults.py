@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from engines import STUCK_S, step_until_done
 from fault_checks import assert_one_line_names, edit_of, full_compute, report, stored_base
 
 from kvshare.connector.decode_correction import CORRECTION_ARG, DecodeCorrector
@@ -29,21 +30,6 @@ def sampling(max_tokens: int, correct: bool = True):
 
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
                           extra_args={CORRECTION_ARG: int(correct)})
-
-
-STUCK_S = 300.0
-"""A stepped engine that has not got there after this long is stuck (steps waiting for a
-lookup are empty and fast, so the bound is time, not steps)."""
-
-
-def step_until_done(llm_engine) -> dict:
-    """Step until every request finished; their final outputs by request id."""
-    finished = {}
-    deadline = time.monotonic() + STUCK_S
-    while llm_engine.has_unfinished_requests():
-        assert time.monotonic() < deadline, f"requests still running after {STUCK_S:.0f} s"
-        finished.update((out.request_id, out) for out in llm_engine.step() if out.finished)
-    return finished
 
 
 def step_until_armed(engine, req_id: str) -> None:

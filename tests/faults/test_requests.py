@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from engines import step_until_done
 from fault_checks import edit_of, full_compute, report, stored_base
 
 pytestmark = pytest.mark.engine
@@ -25,15 +26,6 @@ def sampling(max_tokens: int, rho: float = 1.0):
 
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
                           extra_args={"kvshare_rho": rho})
-
-
-def step_until_done(llm_engine) -> dict:
-    finished = {}
-    while llm_engine.has_unfinished_requests():
-        for out in llm_engine.step():
-            if out.finished:
-                finished[out.request_id] = out
-    return finished
 
 
 @pytest.fixture
