@@ -117,7 +117,7 @@ class CacheAdmin:
         config = self.catalog.config
         result = self.catalog.lookup(model_id, text, token_ids, tenant)
         plan = result.plan
-        claim = decide_claim(plan, 0, config)
+        claim = decide_claim(plan, 0, config, result.entries)
         return {
             "model_id": model_id,
             "num_tokens": plan.num_tokens,

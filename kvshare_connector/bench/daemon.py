@@ -83,7 +83,7 @@ def lookup_and_fetch(catalog, store, query: Query, chunk_tokens: int) -> int:
 
     text, ids = query
     result = catalog.lookup(MODEL_ID, text, ids, "")
-    entries = {hit.entry.entry_id: hit.entry for hit in result.hits}
+    entries = result.entries
     fetched = 0
     for entry_id, chunks in planned_chunks(result.plan, chunk_tokens).items():
         entry = entries[entry_id]

@@ -349,8 +349,8 @@ class ConnectorPolicy:
                else PrefixHit(0, 0, 0))
         lookup = self.last_lookup = self.matcher.lookup(request.text, tokens)
         plan = lookup.plan
-        claim = decide_claim(plan, hit.tokens, self.config)
-        sources = {h.entry.entry_id: h.entry for h in lookup.hits}
+        sources = lookup.entries
+        claim = decide_claim(plan, hit.tokens, self.config, sources)
         loaded = reused = 0
         source_depth = None
         # Where reused rows may lie: before the claim's end and before the recomputed tail.
@@ -358,7 +358,8 @@ class ConnectorPolicy:
         if claim.num_claimed:
             runs = claimed_runs(plan, claim)
             loaded = self._load(runs, sources, claim.start, reuse_end)
-            reused = replace(claim, planned_reuse=loaded).expected_reused(self.config.rho)
+            reused = replace(claim, planned_reuse=loaded,
+                             verbatim=min(claim.verbatim, loaded)).expected_reused(self.config.rho)
             self.matcher.index.record_hits(plan.source_entries)
             source_depth = max(read_depth(run, sources[run.entry_id]) for run in runs)
         approximate_hit = hit.exact_tokens < hit.tokens

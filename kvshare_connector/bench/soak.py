@@ -184,6 +184,10 @@ class Sample:
     index_rows: int
     evictions: dict[str, int]
     """Cumulative evictions per tier (``cpu``, ``disk``, ``redis``, ``index``)."""
+    shared_bytes: dict[str, int] = field(default_factory=dict)
+    """The part of each process's RSS that is file-backed or shared memory (the model's
+    mapped weights, the daemon's shared-memory CPU tier as it is touched): RSS minus it is
+    the process's own (anonymous) memory, where a leak or allocator retention shows."""
     shadow_checks: dict[str, int] = field(default_factory=dict)
     """Cumulative shadow checks per engine. An engine's worker loads a copy of the model
     (about 270 MB for SmolLM2-135M) at its first one: a step in its RSS, not a leak."""
@@ -263,6 +267,13 @@ def hit_rate_slope(rates: Sequence[tuple[int, float, int]], warmup_minutes: floa
     return least_squares_slope(xs, ys), slope_standard_error(xs, ys)
 
 
+def anonymous_series(samples: Sequence[Sample], name: str) -> tuple[list[float], list[float]]:
+    """(times, RSS minus its shared part) of one process (see ``Sample.shared_bytes``)."""
+    pairs = [(s.t_s, s.rss_bytes[name] - s.shared_bytes[name]) for s in samples
+             if name in s.rss_bytes and name in s.shared_bytes]
+    return [t for t, _ in pairs], [v for _, v in pairs]
+
+
 def analyse(samples: Sequence[Sample], served: Sequence[Served], checks: Sequence[Check],
             caps: Caps, minutes: float, warmup_minutes: float) -> dict[str, Any]:
     """The headline figures of one run (see the module docstring)."""
@@ -286,6 +297,9 @@ def analyse(samples: Sequence[Sample], served: Sequence[Served], checks: Sequenc
     return {
         "rss_growth": {name: growth(*series("rss_bytes", name), warmup_s, end_s, window_s)
                        for name in names},
+        "anonymous_rss_growth": {name: growth(*anonymous_series(samples, name), warmup_s,
+                                              end_s, window_s)
+                                 for name in names},
         "fd_growth": {name: growth(*series("open_fds", name), warmup_s, end_s, window_s)
                       for name in names},
         "disk_max_over_cap": max_over_cap([s.disk_bytes for s in samples], caps.disk_bytes),
@@ -406,7 +420,8 @@ class ProcessTree:
             self.processes[label] = child
         self.gone: set[str] = set()
 
-    def sample(self, rss: dict[str, int], fds: dict[str, int]) -> None:
+    def sample(self, rss: dict[str, int], shared: dict[str, int], fds: dict[str, int]
+               ) -> None:
         import psutil
 
         for label, process in self.processes.items():
@@ -414,7 +429,8 @@ class ProcessTree:
                 continue
             try:
                 with process.oneshot():
-                    rss[label] = process.memory_info().rss
+                    memory = process.memory_info()
+                    rss[label], shared[label] = memory.rss, memory.shared
                     fds[label] = process.num_fds()
             except psutil.NoSuchProcess:
                 self.gone.add(label)
@@ -615,9 +631,10 @@ class Sampler:
         from kvshare.remote.client import DaemonUnavailable
 
         rss: dict[str, int] = {}
+        shared: dict[str, int] = {}
         fds: dict[str, int] = {}
         for tree in self.trees:
-            tree.sample(rss, fds)
+            tree.sample(rss, shared, fds)
         try:
             stats = self.daemon.stats()
             redis_stats, redis_memory = self.redis.info("stats"), self.redis.info("memory")
@@ -635,7 +652,7 @@ class Sampler:
         sample = Sample(time.monotonic() - self.started, rss, fds,
                         directory_bytes(self.chunks_dir),
                         int(redis_memory["used_memory"]),
-                        int(stats.index["entries"]), evictions, shadow)
+                        int(stats.index["entries"]), evictions, shared, shadow)
         self.samples.append(sample)
         return sample
 
@@ -832,9 +849,10 @@ def print_summary(summary: dict[str, Any]) -> None:
     def percent(value: float | None) -> str:
         return "n/a" if value is None else f"{100 * value:+.1f}%"
 
-    print(f"\n{'process':<28} {'rss growth':>11} {'fd growth':>10}")
+    print(f"\n{'process':<28} {'rss growth':>11} {'anonymous':>10} {'fd growth':>10}")
     for name in summary["processes"]:
         print(f"{name:<28} {percent(summary['rss_growth'].get(name)):>11} "
+              f"{percent(summary['anonymous_rss_growth'].get(name)):>10} "
               f"{percent(summary['fd_growth'].get(name)):>10}")
     slope, slope_error = summary["hit_rate_slope"], summary["hit_rate_slope_stderr"]
     rows = [

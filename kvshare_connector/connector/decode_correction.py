@@ -187,7 +187,8 @@ class FillRecord:
     """float32, one per candidate: DHD's deviation at the first check layer (1 where the
     config has no check layer)."""
     num_reused: int
-    """Loaded positions of the claim outside the fill's initial recompute set: DHD's base
+    """Loaded positions of the claim outside the fill's initial recompute set and its
+    verbatim rows: DHD's base
     for ``rho``, and the correction's base for ``decode_correction_share``."""
 
 
@@ -214,7 +215,7 @@ class FillTracker:
         covered = torch.zeros(spec.end, dtype=torch.bool)
         for run in spec.runs:
             covered[run.dst_start:run.dst_start + run.length] = True
-        covered[:spec.num_computed] = False
+        covered[:max(spec.num_computed, spec.verbatim_end)] = False  # exact rows
         covered[spec.tail_start:] = False
         kept = torch.zeros(spec.end, dtype=torch.bool)
         if self.last_layer in self._loaded:

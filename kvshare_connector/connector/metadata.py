@@ -58,6 +58,10 @@ class LoadSpec:
     tail_start: int
     """Claimed positions from here on are always recomputed (the prompt's tail when kvshare
     computes it; ``end`` when vLLM does)."""
+    verbatim_end: int = 0
+    """Claimed positions below this copy their source's exact prefix at the same positions
+    (``kvshare.matching.claim.Claim.verbatim``): the fill loads them and never recomputes
+    them, like vLLM's own prefix hit. At most ``num_computed`` when there are none."""
     adaptive: bool = False
     """The config's adaptive budget (``rho_mass``) replaces ``rho``: set, and not
     overridden by the request."""

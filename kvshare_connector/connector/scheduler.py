@@ -280,7 +280,8 @@ class KVShareScheduler:
             state = self._state_of(request)
             if not self._lookup_ready(state):
                 return None
-            state.claim = (decide_claim(state.result.plan, num_computed_tokens, self.config)
+            state.claim = (decide_claim(state.result.plan, num_computed_tokens, self.config,
+                                        state.result.entries)
                            if state.result is not None
                            else Claim(num_computed_tokens, num_computed_tokens, 0))
             state.withheld = state.claim.num_claimed > 0 and not self.gate.is_open(state.tenant)
@@ -362,8 +363,8 @@ class KVShareScheduler:
             exact, depth = approximate[0] * self._hash_block_size, approximate[1]
         if state.claim.num_claimed == 0:
             return _Origin(exact, depth)
-        sources = {hit.entry.entry_id: hit.entry for hit in state.result.hits}
-        return _Origin(*kv_origin(state.claim, state.result.plan, sources, exact, depth))
+        return _Origin(*kv_origin(state.claim, state.result.plan, state.result.entries, exact,
+                                  depth))
 
     def loads_async(self, req_id: str) -> bool:
         """Whether the claim just answered for this request is loaded asynchronously."""
@@ -468,7 +469,7 @@ class KVShareScheduler:
         request, claim, result = state.request, state.claim, state.result
         runs = [Run(run.dst_start, run.entry_id, run.src_start, run.length)
                 for run in claimed_runs(result.plan, claim)]
-        entries = {hit.entry.entry_id: hit.entry for hit in result.hits}
+        entries = result.entries
         sources = {
             run.entry_id: SourceEntry(entries[run.entry_id].token_ids.tolist(),
                                       list(entries[run.entry_id].chunk_keys))
@@ -481,6 +482,7 @@ class KVShareScheduler:
         return LoadSpec(req_id=request.request_id, token_ids=list(request.prompt_token_ids),
                         block_ids=block_ids, num_computed=claim.start,
                         num_claimed=claim.num_claimed, runs=runs, sources=sources, rho=rho,
+                        verbatim_end=claim.verbatim_end,
                         adaptive=adaptive, load_async=state.load_async,
                         decode_correction=correction_wanted(request, self.config),
                         tail_start=max(claim.start, min(claim.end, tail_start(
@@ -671,7 +673,7 @@ class KVShareScheduler:
             return Claim(0, 0, 0)
         if state.result is None or not self.gate.is_open(state.tenant):
             return Claim(0, 0, 0)
-        return decide_claim(state.result.plan, 0, self.config)
+        return decide_claim(state.result.plan, 0, self.config, state.result.entries)
 
     # ------------------------------------------------------------------ catalog calls
     def _commit_entries(self, entries: list[IndexEntry]) -> None:

@@ -310,11 +310,14 @@ class KVShareWorker:
             yield loads
             load_seconds = loads.result()
         loaded = spec.num_claimed - int(pending.sum())
+        verbatim_end = _verbatim_end(spec, pending)
         pending[spec.tail_start:] = True
+        if verbatim_end == end:  # all copied verbatim: nothing to compute
+            return FillOutcome(loaded, 0, load_seconds)
         engine = SelectiveRecomputeEngine(adapter, rho=rho, check_layers=self.config.check_layers,
                                           select_by=self.config.select_by, budget=budget)
         layers = engine.prefill_layers(spec.token_ids[:rows.num_tokens], rows,
-                                       pending.nonzero().flatten(), exact_prefix=start,
+                                       pending.nonzero().flatten(), exact_prefix=verbatim_end,
                                        logits=False, before_layer=before_layer,
                                        probe_from=end if self._probes else None)
         while True:
@@ -451,3 +454,14 @@ class KVShareWorker:
         self._loader.shutdown(wait=True)
         self.saves.close()
         self.store.close()
+
+
+def _verbatim_end(spec: LoadSpec, pending: torch.Tensor) -> int:
+    """One past the rows the fill treats as the prompt's own, like vLLM's prefix hit:
+    vLLM's hit, then the claim's verbatim rows up to the first one that did not load (its
+    chunk was missing) or the recomputed tail. The engine attends to them but never ranks
+    or recomputes them: recomputing exact rows only changes their last bits."""
+    start, stop = spec.num_computed, min(max(spec.verbatim_end, spec.num_computed),
+                                         spec.tail_start)
+    not_loaded = pending[start:stop].nonzero()
+    return start + int(not_loaded[0]) if not_loaded.numel() else stop

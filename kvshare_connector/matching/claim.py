@@ -34,15 +34,25 @@ class Claim:
     planned_reuse: int
     """Claimed positions the plan takes from cached entries (the rest are placeholders,
     boundaries or the kvshare-computed tail). DHD recomputes a share of them too."""
+    verbatim: int = 0
+    """Of those, the leading ones from ``start`` that copy their source's exact prefix at
+    the same positions (:func:`exact_prefix_end`): the prompt's own KV, bit for bit, so
+    the fill loads them and never recomputes them."""
 
     @property
     def num_claimed(self) -> int:
         return self.end - self.start
 
+    @property
+    def verbatim_end(self) -> int:
+        """One past the last verbatim position (``start`` when there are none)."""
+        return self.start + self.verbatim
+
     def expected_reused(self, rho: float) -> int:
         """Claimed tokens loaded and not recomputed when every chunk is found: the plan's
-        reuse minus DHD's ``rho`` share of it (rounded as the recompute engine rounds)."""
-        return self.planned_reuse - round(rho * self.planned_reuse)
+        reuse minus DHD's ``rho`` share of its non-verbatim part (rounded as the recompute
+        engine rounds)."""
+        return self.planned_reuse - round(rho * (self.planned_reuse - self.verbatim))
 
 
 def claim_end(num_tokens: int, config: KVShareConfig) -> int:
@@ -56,12 +66,14 @@ def tail_start(num_tokens: int, config: KVShareConfig) -> int:
     return max(0, num_tokens - 1 - config.recompute_tail_tokens)
 
 
-def decide_claim(plan: ReusePlan, num_computed: int, config: KVShareConfig) -> Claim:
+def decide_claim(plan: ReusePlan, num_computed: int, config: KVShareConfig,
+                 sources: Mapping[str, IndexEntry] | None = None) -> Claim:
     """The claim the connector makes for ``plan`` after vLLM's prefix hit of ``num_computed``.
 
     Nothing is claimed when the plan reuses less than ``min_reuse_fraction`` of the prompt
     or fewer than ``min_reuse_tokens`` tokens, or when none of its reuse lies in the
-    claimable range (vLLM's own hit already covers it).
+    claimable range (vLLM's own hit already covers it). ``sources`` (the plan's entries by
+    id) tell which claimed positions are verbatim; without them none are.
     """
     empty = Claim(num_computed, num_computed, 0)
     if (plan.reuse_fraction < config.min_reuse_fraction
@@ -73,7 +85,21 @@ def decide_claim(plan: ReusePlan, num_computed: int, config: KVShareConfig) -> C
                   for run in plan.runs)
     if end <= num_computed or planned == 0:
         return empty
-    return Claim(num_computed, end, planned)
+    verbatim = (max(0, min(exact_prefix_end(plan, sources), reuse_end) - num_computed)
+                if sources is not None else 0)
+    return Claim(num_computed, end, planned, verbatim)
+
+
+def exact_prefix_end(plan: ReusePlan, sources: Mapping[str, IndexEntry]) -> int:
+    """One past the last prompt position whose cached KV is the prompt's own: the plan's
+    exact-prefix run (the same tokens from position 0, at the same positions) inside its
+    source's exact prefix. Causal attention makes those rows depend on nothing else, so
+    they are what the prompt's own prefill computes, as vLLM's prefix cache assumes.
+    0 without such a run."""
+    prefix = plan.runs[0] if plan.runs and plan.runs[0].is_exact_prefix else None
+    if prefix is None:
+        return 0
+    return min(prefix.dst_end, sources[prefix.entry_id].exact_prefix)
 
 
 def claimed_runs(plan: ReusePlan, claim: Claim) -> list[ReuseRun]:
@@ -110,12 +136,8 @@ def kv_origin(claim: Claim, plan: ReusePlan, sources: Mapping[str, IndexEntry],
     runs = claimed_runs(plan, claim)
     if not runs:
         return exact_tokens, depth
-    exact_claimed = claim.start
-    prefix = plan.runs[0] if plan.runs[0].is_exact_prefix else None
-    if prefix is not None and prefix.dst_end > claim.start:
-        exact_claimed = max(claim.start,
-                            min(prefix.dst_end, sources[prefix.entry_id].exact_prefix))
-        if exact_claimed >= claim.end:
-            return exact_tokens, depth
+    exact_claimed = max(claim.start, exact_prefix_end(plan, sources))
+    if exact_claimed >= claim.end:
+        return exact_tokens, depth
     source_depth = max(read_depth(run, sources[run.entry_id]) for run in runs)
     return min(exact_tokens, exact_claimed), max(depth, 1 + source_depth)

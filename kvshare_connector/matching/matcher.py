@@ -39,6 +39,11 @@ class LookupResult:
     def total_ms(self) -> float:
         return self.embed_ms + self.search_ms + self.align_ms
 
+    @property
+    def entries(self) -> dict[str, IndexEntry]:
+        """The hits' entries by id (what the plan's runs name)."""
+        return {hit.entry.entry_id: hit.entry for hit in self.hits}
+
 
 class Matcher:
     """Retrieval + alignment over one :class:`EntryIndex` for one model.

@@ -196,8 +196,11 @@ def test_connector_reuses_vllm_hit_plus_claim_minus_tail_and_rho(make_connector,
     assert (out.claim.start, out.claim.end) == (256, n2 - 1 - TAIL)
     planned = (300 - 256) + (n2 - 1 - TAIL - (301 + k))
     assert out.claim.planned_reuse == out.loaded == planned
-    assert out.reused == planned - round(0.15 * planned)
-    assert reused == out.reused_tokens == 256 + planned - round(0.15 * planned)
+    # Positions 256-299 continue the exact prefix: verbatim, never recomputed by DHD.
+    assert out.claim.verbatim == 300 - 256
+    recomputed = round(0.15 * (planned - out.claim.verbatim))
+    assert out.reused == planned - recomputed
+    assert reused == out.reused_tokens == 256 + planned - recomputed
 
     # Stored as approximate KV (depth 1) whose first 300 tokens are exact: the chunk of
     # positions 0-255 is the first prompt's (stored once), the others are its own.

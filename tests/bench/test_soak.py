@@ -122,10 +122,10 @@ def test_caps_hold_fewer_prompts_than_the_reuse_window_in_memory():
     assert tiny.cpu_bytes == tiny.redis_bytes == 24 << 20  # a prompt's chunks always fit
 
 
-def sample(t_s: float, rss: int, disk: int) -> Sample:
+def sample(t_s: float, rss: int, disk: int, shared: int = 0) -> Sample:
     return Sample(t_s, {"daemon": rss}, {"daemon": 40}, disk, 50, 10,
-                  {"cpu": int(t_s), "disk": 0},
-                  {"engine-a": int(t_s >= 300), "engine-b": int(t_s >= 60)})
+                  {"cpu": int(t_s), "disk": 0}, shared_bytes={"daemon": shared},
+                  shadow_checks={"engine-a": int(t_s >= 300), "engine-b": int(t_s >= 60)})
 
 
 def check(check_id: str, outcome: str, first: int | None = None) -> Check:
@@ -133,7 +133,9 @@ def check(check_id: str, outcome: str, first: int | None = None) -> Check:
 
 
 def test_analyse_reports_the_headline_figures():
-    samples = [sample(t, 1000 if t < 300 else 1200, 90 if t != 200 else 130)
+    # RSS grows by 200, of which 100 is shared memory touched late: anonymous 900 -> 1000.
+    samples = [sample(t, 1000 if t < 300 else 1200, 90 if t != 200 else 130,
+                      shared=100 if t < 300 else 200)
                for t in range(0, 601, 10)]
     requests = [served(t, 300 if t % 20 else 0) for t in range(5, 600, 5)]  # 3 hits in 4
     checks = [check("check-1", "match"), check("check-2", "mismatch", 3),
@@ -141,6 +143,7 @@ def test_analyse_reports_the_headline_figures():
     caps = Caps(cpu_bytes=10, disk_bytes=100, redis_bytes=100, index_entries=64)
     summary = analyse(samples, requests, checks, caps, minutes=10, warmup_minutes=2)
     assert summary["rss_growth"]["daemon"] == pytest.approx(0.2)
+    assert summary["anonymous_rss_growth"]["daemon"] == pytest.approx(100 / 900)
     assert summary["fd_growth"]["daemon"] == pytest.approx(0.0)
     assert summary["disk_max_over_cap"] == 30
     assert summary["wrong_answers"] == 1 and summary["checks_compared"] == 2
@@ -191,14 +194,14 @@ def test_process_tree_samples_each_process_and_counts_one_that_is_gone(tmp_path)
         child_pid = int(parent.stdout.readline())
         tree = ProcessTree("engine-a", parent.pid)
         assert sorted(tree.processes) == ["engine-a", "engine-a/tool"]
-        rss, fds = {}, {}
-        tree.sample(rss, fds)
-        assert set(rss) == set(fds) == {"engine-a", "engine-a/tool"}
-        assert all(value > 0 for value in rss.values())
+        rss, shared, fds = {}, {}, {}
+        tree.sample(rss, shared, fds)
+        assert set(rss) == set(shared) == set(fds) == {"engine-a", "engine-a/tool"}
+        assert all(rss[name] > shared[name] >= 0 for name in rss)
         os.kill(child_pid, signal.SIGKILL)
         parent.wait(10)  # the parent exits once its child is gone
-        rss, fds = {}, {}
-        tree.sample(rss, fds)
+        rss, shared, fds = {}, {}, {}
+        tree.sample(rss, shared, fds)
         assert rss == {} and tree.gone == {"engine-a", "engine-a/tool"}
     finally:
         parent.kill()

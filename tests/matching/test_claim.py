@@ -42,6 +42,20 @@ def test_the_claim_stops_before_the_tail_vllm_computes(config):
     assert claim.expected_reused(0.15) == 678 - round(0.15 * 678)
 
 
+def test_verbatim_rows_continue_an_exact_source_prefix_and_dhd_skips_them(config):
+    plan = plan_of(1000, (0, "a", 0, 500), (501, "a", 600, 498))
+    assert decide_claim(plan, 256, config).verbatim == 0  # no sources: none known
+    claim = decide_claim(plan, 256, config, {"a": entry("a", 1100)})
+    assert (claim.verbatim, claim.verbatim_end) == (500 - 256, 500)
+    assert claim.expected_reused(0.15) == 678 - round(0.15 * (678 - 244))
+    # Only rows inside the source's exact prefix are verbatim.
+    claim = decide_claim(plan, 256, config, {"a": entry("a", 1100, depth=1, exact_tokens=300)})
+    assert claim.verbatim_end == 300
+    # A shared prefix that vLLM's hit already covers leaves nothing verbatim to claim.
+    assert decide_claim(plan_of(1000, (0, "a", 0, 200), (201, "a", 300, 798)), 256, config,
+                        {"a": entry("a", 1100)}).verbatim == 0
+
+
 def test_kvshare_computed_tail_claims_to_the_last_token(config):
     config.recompute_tail_by = "kvshare"
     claim = decide_claim(plan_of(1000, (0, "a", 0, 999)), 0, config)
