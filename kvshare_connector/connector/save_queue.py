@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvshare.heap import HeapTrimmer
 from kvshare.storage.chunk import KVChunk, split_prompt_kv
 from kvshare.storage.keys import ChunkKey
 from kvshare.storage.tiered_store import ChunkStore
@@ -74,6 +75,8 @@ class SaveQueue:
         self._queued_bytes = 0
         self._closed = False
         self._cond = threading.Condition()
+        self._heap = HeapTrimmer()
+        """The copies this thread frees are the worker's largest buffers: it trims."""
         self._thread = threading.Thread(target=self._run, name="kvshare-save", daemon=True)
         self._thread.start()
 
@@ -141,6 +144,8 @@ class SaveQueue:
                 self._queued_bytes -= job.nbytes
                 self._results.append(result)
                 self._cond.notify_all()
+            del job, chunks  # the copies go now, before the trim
+            self._heap.maybe_trim()
 
     def _store(self, job: SaveJob, chunks: list[KVChunk]) -> list[str] | None:
         try:

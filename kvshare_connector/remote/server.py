@@ -49,6 +49,7 @@ import zmq
 
 from kvshare.catalog import LocalCatalog
 from kvshare.config import KVShareConfig
+from kvshare.heap import HeapTrimmer
 from kvshare.remote import protocol as wire
 from kvshare.remote.auth import curve_keys
 from kvshare.storage.codec import ChunkCorruptError
@@ -235,6 +236,8 @@ class DaemonServer:
         self._ipc_path: Path | None = None
         self._backend = f"inproc://kvshare-workers-{id(self)}"
         self._control = f"inproc://kvshare-control-{id(self)}"
+        self._heap = HeapTrimmer()
+        """Messages carry chunks of megabytes: the workers trim between them."""
 
     def start(self) -> None:
         """Bind and start serving; raises :class:`DaemonStartError` when it cannot."""
@@ -315,6 +318,8 @@ class DaemonServer:
                     continue
                 if reply is not None:
                     sock.send_multipart(reply, copy=False)
+                del frames, reply
+                self._heap.maybe_trim()
         finally:
             sock.close()
 
