@@ -209,13 +209,14 @@ class KVShareConfig:
     requires ``--no-enable-prefix-caching`` (see docs/connector.md)."""
     fill_mode: str = "async"
     """How a claimed request is filled: ``async`` (vLLM's asynchronous load: the request
-    waits while its fill advances ``fill_tokens_per_step`` per engine step, so running
+    waits while its fill advances a slice per engine step, so running
     requests keep decoding) or ``sync`` (the whole fill in the step that first schedules
     the request; every running request waits for it). See docs/connector.md."""
     fill_tokens_per_step: int = 256
-    """``fill_mode: async``: fill work per engine step, in token-layers (one position
-    through one decoder layer), shared by the fills in flight; a fill advances whole
-    layers, at least one per step."""
+    """``fill_mode: async``: the least fill work per engine step, in token-layers (one
+    position through one decoder layer), shared by the fills in flight. A step's fills
+    may do more: what vLLM's token budget leaves unused that step, times the model's
+    layers. A fill advances whole layers, at least one per step."""
     max_fills_in_flight: int = 2
     """``fill_mode: async``: claimed requests filling at once; further claims wait (vLLM
     asks again next step) without taking KV blocks."""

@@ -19,6 +19,11 @@ does, and kvshare knows each cost once the request's lookup is done. So:
   lookup finds a hit); when it ranks first, admission waits for its lookup, at most
   ``scheduler_lookup_wait_s`` after its arrival, rather than let a request ranked behind
   it start first;
+* **fills get a share of every step**: while fills are in flight, their predicted cost
+  (at most half of vLLM's per-step token budget, :func:`fill_reserve`) is held back from
+  the tokens vLLM schedules, and the connector's worker spends what the step leaves
+  unused on the fills. Without it a saturated server, whose steps are full of prefill
+  chunks, would leave its hits only ``fill_tokens_per_step``;
 * **no preemption to reorder**: only the waiting queue is ranked. Running requests keep
   running; vLLM still preempts for lack of KV blocks, as it always does, and preempted
   requests resume before any other waiting request, as under FCFS.
@@ -58,6 +63,9 @@ SmolLM2's 30 layers: 0.067) plus loading and re-rotating the chunks (0.04). Meas
 a miss prefills at 0.79 ms per token (1,098 ms median), a hit took 367 ms, i.e. 464 token
 equivalents, for about 1,350 claimed tokens of which about 284 recomputed and a 33-token
 tail: 33 + 284 + 0.11 x 1,350 = 466."""
+MAX_FILL_SHARE = 0.5
+"""At most this share of vLLM's per-step token budget is held back for fills in flight:
+misses keep at least half of every step."""
 COST_BUCKET_RATIO = 1.25
 """Predicted costs within this factor of each other rank as equal (the model is not more
 precise than that); ties go to hits, then to earlier arrivals."""
@@ -73,15 +81,29 @@ class Prediction:
     """kvshare will fill part of its prompt."""
 
 
+def fill_cost(claim: Claim, rho: float) -> float:
+    """Prefill-token equivalents of the fill of ``claim`` when it recomputes ``rho`` of the
+    reused tokens."""
+    recomputed = claim.num_claimed - claim.expected_reused(rho)
+    return recomputed + FILL_COST_PER_CLAIMED_TOKEN * claim.num_claimed
+
+
 def predicted_cost(prompt_tokens: int, claim: Claim, rho: float) -> Prediction:
     """The cost of a request of ``prompt_tokens`` whose claim (without a vLLM prefix hit)
     is ``claim`` and whose fill recomputes ``rho`` of the reused tokens."""
     if claim.num_claimed == 0:
         return Prediction(float(prompt_tokens), hit=False)
-    recomputed = claim.num_claimed - claim.expected_reused(rho)
     uncached = prompt_tokens - claim.num_claimed
-    return Prediction(uncached + recomputed + FILL_COST_PER_CLAIMED_TOKEN * claim.num_claimed,
-                      hit=True)
+    return Prediction(uncached + fill_cost(claim, rho), hit=True)
+
+
+def fill_reserve(claims: Iterable[Claim], rho: float, token_budget: int) -> int:
+    """Tokens of vLLM's per-step budget to leave to the fills of ``claims``: their cost,
+    at most :data:`MAX_FILL_SHARE` of the budget. The connector's worker gives the fills
+    what vLLM's step leaves unused, so without a reserve a saturated server (every step
+    full of prefill chunks) leaves its hits the ``fill_tokens_per_step`` minimum."""
+    cost = sum(fill_cost(claim, rho) for claim in claims)
+    return min(math.ceil(cost), int(MAX_FILL_SHARE * token_budget))
 
 
 class CacheAwareQueue(RequestQueue):
@@ -244,8 +266,17 @@ class CacheAwareMixin:
             self._claims.prefetch(request)
 
     def schedule(self, *args: Any, **kwargs: Any):
-        with self.waiting.scheduling_pass():
-            return super().schedule(*args, **kwargs)
+        """vLLM's pass over the ranked queue, with the fills' reserve held back from its
+        token budget (:func:`fill_reserve`)."""
+        token_budget = self.max_num_scheduled_tokens
+        if self._claims is not None:
+            self.max_num_scheduled_tokens -= fill_reserve(
+                self._claims.claims_filling(), self.kvshare_config.rho, token_budget)
+        try:
+            with self.waiting.scheduling_pass():
+                return super().schedule(*args, **kwargs)
+        finally:
+            self.max_num_scheduled_tokens = token_budget
 
     def _predict(self, request: Request) -> Prediction | None:
         if self._claims is None:

@@ -120,7 +120,9 @@ class KVShareConnector(KVConnectorBase_V1):
                 hash_block_size=(kv_cache_config.hash_block_size if kv_cache_config
                                  and kv_cache_config.hash_block_size else block_size),
                 num_kv_blocks=kv_cache_config.num_blocks if kv_cache_config else 1 << 16,
-                kv_bytes_per_token=kv_bytes_per_token(vllm_config))
+                kv_bytes_per_token=kv_bytes_per_token(vllm_config),
+                step_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
+                num_layers=model_config.get_num_layers(vllm_config.parallel_config))
         else:
             from kvshare.connector.worker import KVShareWorker
 

@@ -189,9 +189,11 @@ class KVShareConnectorMetadata(KVConnectorMetadata):
     corrections_dropped: set[str] = field(default_factory=set)
     """Requests preempted since the last step: the worker forgets their fills' records
     (a resumed request is filled again and corrected from that fill)."""
-    fills_unbounded: bool = False
-    """vLLM computes no request this step: the fills in flight run to their end, since
-    no running request waits for them."""
+    fill_token_layers: int | None = None
+    """Model work the asynchronous fills may do this step, in token-layers: what vLLM's
+    token budget leaves unused this step, times the model's layers, and at least
+    ``fill_tokens_per_step``. None when vLLM computes no request this step: the fills in
+    flight run to their end, since no running request waits for them."""
 
 
 @dataclass

@@ -227,7 +227,7 @@ class KVShareScheduler:
 
     def __init__(self, config: KVShareConfig, model_id: str, tokenizer_dir: str,
                  catalog: Catalog, *, hash_block_size: int, num_kv_blocks: int,
-                 kv_bytes_per_token: int) -> None:
+                 kv_bytes_per_token: int, step_tokens: int, num_layers: int) -> None:
         from transformers import AutoTokenizer
 
         self.config = config
@@ -236,6 +236,9 @@ class KVShareScheduler:
         self._tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         self._hash_block_size = hash_block_size
         self._kv_bytes_per_token = kv_bytes_per_token
+        self._step_tokens = step_tokens
+        """vLLM's token budget per step (``max_num_batched_tokens``)."""
+        self._num_layers = num_layers
         self.approximate_blocks = ApproximateBlocks(capacity=num_kv_blocks)
         self._requests: dict[str, _RequestState] = {}
         self._saving: dict[str, _Saving] = {}
@@ -430,8 +433,18 @@ class KVShareScheduler:
         meta.corrections, meta.corrections_dropped = self.corrections.plan(scheduler_output)
         meta.shadows += self._shadows_due
         self._shadows_due = []
-        meta.fills_unbounded = scheduler_output.total_num_scheduled_tokens == 0
+        meta.fill_token_layers = self._fill_token_layers(scheduler_output.total_num_scheduled_tokens)
         return meta
+
+    def _fill_token_layers(self, scheduled_tokens: int) -> int | None:
+        """This step's budget for asynchronous fills (``KVShareConnectorMetadata.
+        fill_token_layers``): a step with fills then costs about what a step of vLLM's
+        full token budget costs, so running requests decode no slower beside a fill than
+        beside a prefill chunk, and fills use the capacity vLLM leaves idle."""
+        if scheduled_tokens == 0:
+            return None
+        unused = max(0, self._step_tokens - scheduled_tokens) * self._num_layers
+        return max(self.config.fill_tokens_per_step, unused)
 
     def delays_free(self, req_id: str) -> bool:
         """Whether a request finishing now keeps its blocks until the worker says so: its
@@ -674,6 +687,12 @@ class KVShareScheduler:
         if state.result is None or not self.gate.is_open(state.tenant):
             return Claim(0, 0, 0)
         return decide_claim(state.result.plan, 0, self.config, state.result.entries)
+
+    def claims_filling(self) -> list[Claim]:
+        """The claims whose asynchronous fill is in flight (vLLM has not been told they
+        are done)."""
+        return [self._requests[req_id].claim for req_id in self._fills_in_flight
+                if req_id in self._requests and self._requests[req_id].claim is not None]
 
     # ------------------------------------------------------------------ catalog calls
     def _commit_entries(self, entries: list[IndexEntry]) -> None:

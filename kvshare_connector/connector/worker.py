@@ -194,13 +194,12 @@ class KVShareWorker:
     @torch.inference_mode()
     def start_load_kv(self, meta: KVShareConnectorMetadata) -> None:
         self.corrector.forget(meta.corrections_dropped)
-        # Fills: synchronous ones to their end, asynchronous ones by fill_tokens_per_step
-        # token-layers in all, or to their end in a step that computes no request
+        # Fills: synchronous ones to their end, asynchronous ones by the step's budget in
+        # all, or to their end in a step that computes no request
         # (kvshare.connector.fill_progress).
         for spec in meta.loads:
             self.fills.add(spec)
-        budget = None if meta.fills_unbounded else self.config.fill_tokens_per_step
-        for done in self.fills.advance(budget):
+        for done in self.fills.advance(meta.fill_token_layers):
             self._fill_ended(done)
         for shadow in meta.shadows:
             self.shadow.submit(shadow)

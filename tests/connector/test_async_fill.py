@@ -49,8 +49,11 @@ def tenant(engine, base, request) -> str:
 
 @pytest.fixture
 def small_slices(engine, monkeypatch) -> None:
-    monkeypatch.setattr(engine.worker, "config", replace(
-        engine.worker.config, fill_tokens_per_step=FILL_TOKENS_PER_STEP))
+    """Fills get only ``fill_tokens_per_step`` per step, as beside steps that use vLLM's
+    whole token budget (here vLLM's budget counts as used up)."""
+    monkeypatch.setattr(engine.scheduler, "config", replace(
+        engine.scheduler.config, fill_tokens_per_step=FILL_TOKENS_PER_STEP))
+    monkeypatch.setattr(engine.scheduler, "_step_tokens", 0)
 
 
 class Watch:
@@ -150,6 +153,21 @@ def test_a_running_request_decodes_while_a_hit_is_filled(engine, base, hit, runn
                                                           for k in REPORTED}
     assert filled.outputs[0].token_ids == sync_filled.outputs[0].token_ids
     assert filled.num_cached_tokens == sync_filled.num_cached_tokens
+
+
+def test_fills_take_the_token_budget_the_step_leaves_unused(engine, base, hit, runner_prompt):
+    """Beside a request decoding one token per step, a fill may do the model work of the
+    rest of vLLM's token budget: it ends within a step or two of its chunks arriving."""
+    engine.run(base, "async-idle")
+    engine.settle()
+    watch, filled, ids = hit_beside_a_decoding_request(engine, "async-idle", hit,
+                                                       runner_prompt)
+    scheduler = engine.scheduler
+    unused = (scheduler._step_tokens - 1) * scheduler._num_layers
+    work = [work for _, _, work in watch.steps if work]
+    assert max(work) > FILL_TOKENS_PER_STEP, "the fill kept to the minimum slice"
+    assert all(w <= unused + len(hit) for w in work)  # + the layer that crosses it
+    assert report(filled)["claimed"] > 0 and not report(filled)["fallback"]
 
 
 def test_an_abort_during_a_fill_drops_it_before_vllm_frees_its_blocks(engine, tenant, hit,

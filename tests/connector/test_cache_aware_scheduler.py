@@ -3,6 +3,7 @@ vLLM engine started with ``scheduler_cls="kvshare.scheduler.CacheAwareScheduler"
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -12,10 +13,14 @@ from vllm.v1.request import Request, RequestStatus
 
 from kvshare.connector.scheduler import STORE_ARG
 from kvshare.matching.claim import Claim
+from kvshare.config import KVShareConfig
 from kvshare.scheduler import (
     FILL_COST_PER_CLAIMED_TOKEN,
+    CacheAwareMixin,
     CacheAwareQueue,
     Prediction,
+    fill_cost,
+    fill_reserve,
     predicted_cost,
 )
 
@@ -57,6 +62,45 @@ def test_a_hit_costs_its_tail_its_recompute_and_a_share_per_loaded_token():
     assert hit.hit
     assert hit.cost == pytest.approx(33 + recomputed + FILL_COST_PER_CLAIMED_TOKEN * 1367)
     assert hit.cost < miss.cost / 2
+
+
+def test_fills_in_flight_reserve_their_cost_up_to_half_the_budget():
+    claim = Claim(0, 1367, 1200)
+    assert fill_reserve([], 0.15, 2048) == 0
+    assert fill_reserve([claim], 0.15, 2048) == math.ceil(fill_cost(claim, 0.15))
+    assert fill_reserve([claim] * 10, 0.15, 2048) == 1024
+
+
+class RecordingScheduler:
+    """Stands in for vLLM's scheduler: records the token budget its pass saw."""
+
+    def schedule(self) -> int:
+        return self.max_num_scheduled_tokens
+
+
+class Filling:
+    """The connector's scheduler half, as far as the reserve asks it."""
+
+    def __init__(self, claims: list[Claim]) -> None:
+        self.claims = claims
+
+    def claims_filling(self) -> list[Claim]:
+        return self.claims
+
+
+def test_the_pass_schedules_within_the_budget_less_the_reserve_then_restores_it():
+    class Scheduler(CacheAwareMixin, RecordingScheduler):
+        def __init__(self, claims: list[Claim]) -> None:  # not vLLM's: no engine here
+            self.max_num_scheduled_tokens = 2048
+            self.kvshare_config = KVShareConfig()
+            self._claims = Filling(claims)
+            self.waiting = queue_of({}, Clock())
+
+    claim = Claim(0, 1367, 1200)
+    filling = Scheduler([claim])
+    assert filling.schedule() == 2048 - fill_reserve([claim], 0.15, 2048)
+    assert filling.max_num_scheduled_tokens == 2048
+    assert Scheduler([]).schedule() == 2048
 
 
 def test_cheaper_predicted_cost_first_and_fcfs_among_equals():
