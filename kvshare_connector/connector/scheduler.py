@@ -433,7 +433,8 @@ class KVShareScheduler:
         meta.corrections, meta.corrections_dropped = self.corrections.plan(scheduler_output)
         meta.shadows += self._shadows_due
         self._shadows_due = []
-        meta.fill_token_layers = self._fill_token_layers(scheduler_output.total_num_scheduled_tokens)
+        meta.fill_token_layers = self._fill_token_layers(
+            scheduler_output.total_num_scheduled_tokens)
         return meta
 
     def _fill_token_layers(self, scheduled_tokens: int) -> int | None:

@@ -11,9 +11,9 @@ from engines import spawn_engines_in_children
 from vllm import SamplingParams
 from vllm.v1.request import Request, RequestStatus
 
+from kvshare.config import KVShareConfig
 from kvshare.connector.scheduler import STORE_ARG
 from kvshare.matching.claim import Claim
-from kvshare.config import KVShareConfig
 from kvshare.scheduler import (
     FILL_COST_PER_CLAIMED_TOKEN,
     CacheAwareMixin,
