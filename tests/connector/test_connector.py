@@ -24,6 +24,13 @@ def test_engines_split_like_a_full_claim(engine):
     assert engine.budget == BUDGET == SPLIT - TAIL - 1
 
 
+def test_the_in_process_engine_runs_the_vec_layout_whatever_the_host(engine):
+    # vLLM's attention and kvshare's reads of its cache both see the layout of hosts
+    # without AMX (conftest.py); the strict engine keeps this host's own pick.
+    assert engine.worker.paged.isa == "vec"
+    assert {layer.isa for layer in engine.worker.paged.layers} == {"vec"}
+
+
 def test_identical_prompt_is_claimed_up_to_the_tail(strict_engine, report_tokens):
     prompt = report_tokens[:SPLIT]
     first = strict_engine.run(prompt, "identical")
