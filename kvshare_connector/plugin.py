@@ -70,8 +70,11 @@ def bound_gemm_kernel_cache(vllm_config: Any, environ: dict[str, str] | None = N
     hence before the load. Returns whether it set the cap."""
     environ = os.environ if environ is None else environ
     transfer = getattr(vllm_config, "kv_transfer_config", None)
-    if (transfer is None or transfer.kv_connector != "KVShareConnector"
-            or any(name in environ for name in ONEDNN_CACHE_VARIABLES)):
+    if transfer is None or any(name in environ for name in ONEDNN_CACHE_VARIABLES):
+        return False
+    from kvshare.connector import KVShareConnector
+
+    if transfer.kv_connector != KVShareConnector.__name__:
         return False
     environ[ONEDNN_CACHE_VARIABLES[0]] = str(ONEDNN_CACHE_CAPACITY)
     logger.info("kvshare: oneDNN primitive cache capped at %d (%s)", ONEDNN_CACHE_CAPACITY,

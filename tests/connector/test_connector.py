@@ -7,9 +7,12 @@ claim) and from the connector's load report in ``kv_transfer_params["kvshare"]``
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from engines import BUDGET, SPLIT, TAIL
 
+from kvshare.plugin import ONEDNN_CACHE_CAPACITY
 from kvshare.storage.keys import chunk_keys
 
 pytestmark = pytest.mark.engine
@@ -22,6 +25,11 @@ def report(out) -> dict:
 
 def test_engines_split_like_a_full_claim(engine):
     assert engine.budget == BUDGET == SPLIT - TAIL - 1
+
+
+def test_the_plugin_capped_onednn_kernels_before_the_model_loaded(engine):
+    # The in-process engine's worker is this process (see kvshare.plugin).
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(ONEDNN_CACHE_CAPACITY)
 
 
 def test_the_in_process_engine_runs_the_vec_layout_whatever_the_host(engine):
